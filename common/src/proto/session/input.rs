@@ -1,0 +1,396 @@
+//! Input processing of the [`Session`]: scanning for a HELLO while
+//! handshaking (PROTOCOL.md §3) and handling frames once established (§4–§7).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::{push_frame, EndReason, Established, Event, Session, SessionInfo, State, Step, Stream};
+use crate::proto::code::Code;
+use crate::proto::crc32c::crc32c;
+use crate::proto::frame::{self, Decoded, Frame, StreamId, HEADER_LEN};
+use crate::proto::hello::{self, Hello, HelloParse, Role};
+
+impl Session {
+    pub(super) fn discard_input(&mut self) -> Step {
+        self.stats.bytes_discarded += self.rx.len() as u64;
+        self.rx.clear();
+        Step::Need
+    }
+
+    /// Handshaking: find the next valid HELLO and act on it.
+    pub(super) fn scan_hello(&mut self, now: Instant) -> Step {
+        let State::Handshaking(h) = &mut self.state else {
+            unreachable!()
+        };
+        match hello::find_magic(self.rx.filled()) {
+            Err(keep) => {
+                self.stats.bytes_discarded += keep as u64;
+                self.rx.consume(keep);
+                if keep > 0 {
+                    h.partial_since = None;
+                }
+                Step::Need
+            }
+            Ok(pos) => {
+                if pos > 0 {
+                    self.stats.bytes_discarded += pos as u64;
+                    self.rx.consume(pos);
+                    h.partial_since = None;
+                }
+                match Hello::parse(self.rx.filled()) {
+                    HelloParse::Incomplete => {
+                        h.partial_since.get_or_insert(now);
+                        Step::Need
+                    }
+                    HelloParse::Invalid(_) => {
+                        h.partial_since = None;
+                        self.stats.hellos_discarded += 1;
+                        self.rx.consume(1);
+                        Step::Continue
+                    }
+                    HelloParse::Valid(peer, len) => {
+                        h.partial_since = None;
+                        self.rx.consume(len);
+                        self.on_hello(peer, now)
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_hello(&mut self, peer: Hello, now: Instant) -> Step {
+        let State::Handshaking(h) = &self.state else {
+            unreachable!()
+        };
+        let nonce = h.nonce;
+        if peer.refuse {
+            self.failures += 1;
+            self.retry_handshake(now);
+            return Step::Event(Event::Rejected {
+                by_peer: true,
+                code: peer.code,
+                text: peer.text,
+            });
+        }
+        if let Err((code, text)) = self.compatible(&peer) {
+            self.queue_hello(nonce, peer.nonce, Some((code, &text)));
+            self.failures += 1;
+            self.retry_handshake(now);
+            return Step::Event(Event::Rejected {
+                by_peer: false,
+                code,
+                text,
+            });
+        }
+        let State::Handshaking(h) = &mut self.state else {
+            unreachable!()
+        };
+        let echoed = h.echoed.replace(peer.nonce);
+        if echoed != Some(peer.nonce) {
+            self.queue_hello(nonce, peer.nonce, None);
+        }
+        if peer.echo != nonce {
+            return Step::Continue;
+        }
+        let (guest_nonce, host_nonce) = match self.cfg.role {
+            Role::Guest => (nonce, peer.nonce),
+            Role::Host => (peer.nonce, nonce),
+        };
+        let mut both = [0u8; 32];
+        both[..16].copy_from_slice(&guest_nonce);
+        both[16..].copy_from_slice(&host_nonce);
+        let info = SessionInfo {
+            version: peer.max_version.min(hello::VERSION_MAX),
+            tag: crc32c(&both) as u16,
+            peer_identity: peer.text,
+            peer_limits: peer.limits,
+        };
+        self.state = State::Established(Box::new(Established {
+            info: info.clone(),
+            peer_nonce: peer.nonce,
+            streams: HashMap::new(),
+            highest: 0,
+            since: now,
+            last_rx: now,
+            ping: None,
+            pending_pong: None,
+            drain_until: None,
+        }));
+        self.stats.sessions += 1;
+        Step::Event(Event::Established(info))
+    }
+
+    /// Whether a session with this peer is possible; if not, the refusal.
+    fn compatible(&self, peer: &Hello) -> Result<(), (Code, String)> {
+        let version = peer.max_version.min(hello::VERSION_MAX);
+        if version < peer.min_version.max(hello::VERSION_MIN) {
+            return Err((
+                Code::VersionMismatch,
+                format!(
+                    "no common version: we speak {}..={}, peer speaks {}..={}",
+                    hello::VERSION_MIN,
+                    hello::VERSION_MAX,
+                    peer.min_version,
+                    peer.max_version
+                ),
+            ));
+        }
+        if peer.role != Some(self.cfg.role.other()) {
+            return Err((
+                Code::RoleMismatch,
+                format!("both ends claim to be the {}", self.cfg.role),
+            ));
+        }
+        peer.limits.check().map_err(|why| (Code::BadLimits, why))
+    }
+
+    // ---- internals: frames ----
+
+    /// Established: decode and handle the next frame.
+    pub(super) fn next_frame(&mut self, now: Instant) -> Step {
+        let State::Established(e) = &self.state else {
+            unreachable!()
+        };
+        let (tag, peer_nonce) = (e.info.tag, e.peer_nonce);
+        // Take the buffer out so the frame can borrow it while `self` changes.
+        let rx = std::mem::take(&mut self.rx);
+        let max_data = self.cfg.limits.max_frame_payload as usize;
+        let (step, used) = match frame::decode(rx.filled(), tag, max_data) {
+            Ok(Decoded::Incomplete) => (Step::Need, 0),
+            Ok(Decoded::Frame(frame, len)) => {
+                self.stats.frames_in += 1;
+                (self.on_frame(frame, rx.offset() + HEADER_LEN, now), len)
+            }
+            Ok(Decoded::Hello) => match Hello::parse(rx.filled()) {
+                HelloParse::Incomplete => (Step::Need, 0),
+                // A retransmission of the HELLO that established this session.
+                HelloParse::Valid(h, len) if h.nonce == peer_nonce => (Step::Continue, len),
+                // The peer restarted. Leave its HELLO in place: the new
+                // handshake reads it.
+                HelloParse::Valid(..) => (Step::Event(self.end(EndReason::PeerRestarted, now)), 0),
+                // Rescan from the byte after the offending header's start.
+                HelloParse::Invalid(why) => {
+                    (self.desync(format!("bad HELLO in session: {why}"), now), 1)
+                }
+            },
+            Err(err) => (self.desync(err.to_string(), now), 1),
+        };
+        self.rx = rx;
+        self.rx.consume(used);
+        step
+    }
+
+    /// The bytes where a frame should be are not one: end the session and
+    /// look for a HELLO.
+    fn desync(&mut self, detail: String, now: Instant) -> Step {
+        Step::Event(self.fail(Code::ProtocolError, detail, now))
+    }
+
+    /// Ends the session for the peer's fault: GOAWAY, then handshake again.
+    fn fail(&mut self, code: Code, detail: String, now: Instant) -> Event<'static> {
+        if let State::Established(e) = &self.state {
+            let text = frame::clip_text(&detail, frame::MAX_GOAWAY_TEXT);
+            push_frame(
+                &mut self.tx,
+                e.info.tag,
+                &Frame::GoAway {
+                    code,
+                    drain_ms: 0,
+                    text,
+                },
+            );
+        }
+        self.end(EndReason::Violation { code, detail }, now)
+    }
+
+    fn on_frame(&mut self, frame: Frame<'_>, from: usize, now: Instant) -> Step {
+        let role = self.cfg.role;
+        let State::Established(e) = &mut self.state else {
+            unreachable!()
+        };
+        e.last_rx = now;
+        let stream = frame.stream();
+        let tag = e.info.tag;
+        match frame {
+            Frame::Ping { opaque } => {
+                e.pending_pong = Some(opaque);
+                return Step::Continue;
+            }
+            Frame::Pong { opaque } => {
+                if e.ping == Some(opaque) {
+                    e.ping = None;
+                }
+                return Step::Continue;
+            }
+            Frame::GoAway {
+                code,
+                drain_ms,
+                text,
+            } => {
+                if drain_ms == 0 || e.streams.is_empty() {
+                    let reason = EndReason::PeerGoAway {
+                        code,
+                        text: text.to_owned(),
+                    };
+                    return Step::Event(self.end(reason, now));
+                }
+                let drain = Duration::from_millis(u64::from(drain_ms));
+                let until = now + drain;
+                e.drain_until = Some(e.drain_until.map_or(until, |d| d.min(until)));
+                return Step::Event(Event::GoingAway {
+                    code,
+                    drain,
+                    text: text.to_owned(),
+                });
+            }
+            Frame::Open { service, .. } => {
+                if role != Role::Host {
+                    return self.desync("the host opened a stream".into(), now);
+                }
+                if stream.0 != e.highest.wrapping_add(1) {
+                    let detail = format!("OPEN of stream {stream} after stream {}", e.highest);
+                    return self.desync(detail, now);
+                }
+                e.highest = stream.0;
+                let refusal = if e.drain_until.is_some() {
+                    Some((Code::GoingAway, "session is going away".to_owned()))
+                } else if e.streams.len() as u64 >= u64::from(self.cfg.limits.max_streams) {
+                    Some((
+                        Code::ResourceLimit,
+                        format!("stream limit of {} reached", self.cfg.limits.max_streams),
+                    ))
+                } else {
+                    None
+                };
+                if let Some((code, text)) = refusal {
+                    push_frame(
+                        &mut self.tx,
+                        tag,
+                        &Frame::Refuse {
+                            stream,
+                            code,
+                            text: &text,
+                        },
+                    );
+                    return Step::Event(Event::Refused {
+                        stream,
+                        code,
+                        text,
+                        by_peer: false,
+                    });
+                }
+                let window = self.cfg.limits.initial_window;
+                e.streams.insert(
+                    stream,
+                    Stream::new(e.info.peer_limits.initial_window, window),
+                );
+                return Step::Event(Event::Opened {
+                    stream,
+                    service: service.to_owned(),
+                });
+            }
+            _ => {}
+        }
+        // Every other frame is about an existing stream.
+        let Some(s) = e.streams.get_mut(&stream) else {
+            if stream.0 <= e.highest {
+                self.stats.stale_frames += 1;
+                return Step::Continue; // in flight when the stream ended
+            }
+            return self.desync(
+                format!("{:?} for stream {stream}, never opened", frame.frame_type()),
+                now,
+            );
+        };
+        let guest_unaccepted = role == Role::Guest && !s.accepted;
+        match frame {
+            Frame::Data { payload, .. } => {
+                if s.remote_fin || guest_unaccepted {
+                    return self.stream_violation(
+                        stream,
+                        Code::ProtocolError,
+                        "DATA after FIN or before ACCEPT",
+                    );
+                }
+                if let Err(o) = s.recv.on_data(payload.len() as u32) {
+                    let text = format!("DATA of {} bytes with {} credit", o.len, o.avail);
+                    return self.stream_violation(stream, Code::FlowControlError, &text);
+                }
+                Step::Data {
+                    stream,
+                    from,
+                    len: payload.len(),
+                }
+            }
+            Frame::Accept { .. } => {
+                if role != Role::Guest || s.accepted {
+                    return self.stream_violation(stream, Code::ProtocolError, "unexpected ACCEPT");
+                }
+                s.accepted = true;
+                Step::Event(Event::Accepted { stream })
+            }
+            Frame::Refuse { code, text, .. } => {
+                if role != Role::Guest || s.accepted {
+                    return self.stream_violation(stream, Code::ProtocolError, "unexpected REFUSE");
+                }
+                e.streams.remove(&stream);
+                Step::Event(Event::Refused {
+                    stream,
+                    code,
+                    text: text.to_owned(),
+                    by_peer: true,
+                })
+            }
+            Frame::Credit { increment, .. } => {
+                if s.local_fin {
+                    return Step::Continue;
+                }
+                match s.send.grant(increment) {
+                    Ok(true) => Step::Event(Event::Credit { stream }),
+                    Ok(false) => Step::Continue,
+                    Err(_) => {
+                        self.stream_violation(stream, Code::FlowControlError, "credit overflow")
+                    }
+                }
+            }
+            Frame::Fin { .. } => {
+                if s.remote_fin || guest_unaccepted {
+                    return self.stream_violation(
+                        stream,
+                        Code::ProtocolError,
+                        "FIN twice or before ACCEPT",
+                    );
+                }
+                s.remote_fin = true;
+                if s.local_fin {
+                    e.streams.remove(&stream);
+                }
+                Step::Event(Event::Finished { stream })
+            }
+            Frame::Reset { code, text, .. } => {
+                e.streams.remove(&stream);
+                Step::Event(Event::Reset {
+                    stream,
+                    code,
+                    text: text.to_owned(),
+                    by_peer: true,
+                })
+            }
+            Frame::Open { .. } | Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway { .. } => {
+                unreachable!("handled above")
+            }
+        }
+    }
+
+    /// The peer broke a rule of one stream: reset just that stream.
+    fn stream_violation(&mut self, stream: StreamId, code: Code, text: &str) -> Step {
+        self.stats.stream_violations += 1;
+        self.reset(stream, code, text);
+        Step::Event(Event::Reset {
+            stream,
+            code,
+            text: text.to_owned(),
+            by_peer: false,
+        })
+    }
+}

@@ -1,0 +1,857 @@
+//! The session state machine: handshake, frames, streams, credit, keepalive
+//! and the end of a session (PROTOCOL.md §3–§8). It owns no socket and reads
+//! no clock: the caller feeds it bytes and the time, and takes from it bytes
+//! to write, events and the next deadline.
+//!
+//! The calls come in four kinds, as in quinn-proto:
+//! - inputs: [`Session::link_up`], [`Session::link_down`],
+//!   [`Session::recv_space`] + [`Session::recv_commit`], [`Session::handle_timeout`];
+//! - mutators: [`Session::open`], [`Session::accept`], [`Session::refuse`],
+//!   [`Session::send_space`] + [`Session::send_commit`], [`Session::finish`],
+//!   [`Session::reset`], [`Session::consumed`], [`Session::go_away`],
+//!   [`Session::shutdown`];
+//! - outputs: [`Session::poll_event`], [`Session::poll_transmit`] +
+//!   [`Session::advance_transmit`], [`Session::poll_timeout`];
+//! - getters.
+//!
+//! Life of a session, as this module sees it:
+//!
+//! ```text
+//!  Down --link_up--> Handshaking --HELLO echoing our nonce--> Established
+//!   ^                  ^   |                                      |
+//!   |                  |   +--refused / bad HELLO--> Hold --------+ violation
+//!   +--link_down-------+----------------------------- (any) <-----+ idle, restart,
+//!                                                                    GOAWAY drained
+//! ```
+//! After [`Session::shutdown`] a session that ends goes to `Closed` instead.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+mod input;
+#[cfg(test)]
+mod tests;
+
+use super::buf::{RxBuf, TxBuf};
+use super::code::Code;
+use super::flow::{RecvWindow, SendCredit};
+use super::frame::{self, Frame, StreamId, FRAME_OVERHEAD};
+use super::hello::{self, Hello, Limits, Nonce, Role, NO_NONCE};
+use super::rng::SplitMix64;
+
+/// Tunables of one session. [`Config::new`] gives the reference defaults
+/// (PROTOCOL.md §10).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub role: Role,
+    /// What this side declares it will receive.
+    pub limits: Limits,
+    /// Free-form identity sent in the HELLO, e.g. `vios-host-bridge 0.1.0`.
+    pub identity: String,
+    /// DATA is queued only while fewer than this many bytes wait to be written.
+    pub tx_high_water: usize,
+    pub hello_retry_first: Duration,
+    pub hello_retry_max: Duration,
+    /// A HELLO that has not completed this long after its magic arrived is skipped.
+    pub hello_deadline: Duration,
+    pub backoff_first: Duration,
+    pub backoff_max: Duration,
+    /// A session that lasted this long forgives earlier failures.
+    pub backoff_reset_after: Duration,
+}
+
+pub const DEFAULT_MAX_FRAME_PAYLOAD: u32 = 64 * 1024;
+pub const DEFAULT_INITIAL_WINDOW: u32 = 256 * 1024;
+pub const DEFAULT_MAX_STREAMS: u32 = 1024;
+pub const DEFAULT_IDLE_TIMEOUT_MS: u32 = 15_000;
+pub const DEFAULT_TX_HIGH_WATER: usize = 256 * 1024;
+/// Beyond the DATA high-water mark and one frame, how many bytes of replies
+/// (credit, refusals, resets, pongs) may wait before input is no longer parsed.
+const CONTROL_ALLOWANCE: usize = 64 * 1024;
+
+impl Config {
+    pub fn new(role: Role, identity: impl Into<String>) -> Config {
+        Config {
+            role,
+            limits: Limits {
+                max_frame_payload: DEFAULT_MAX_FRAME_PAYLOAD,
+                initial_window: DEFAULT_INITIAL_WINDOW,
+                max_streams: DEFAULT_MAX_STREAMS,
+                idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            },
+            identity: identity.into(),
+            tx_high_water: DEFAULT_TX_HIGH_WATER,
+            hello_retry_first: Duration::from_secs(1),
+            hello_retry_max: Duration::from_secs(8),
+            hello_deadline: Duration::from_secs(10),
+            backoff_first: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            backoff_reset_after: Duration::from_secs(60),
+        }
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.limits.idle_timeout_ms))
+    }
+
+    fn rx_capacity(&self) -> usize {
+        let frame = self.limits.max_frame_payload as usize + FRAME_OVERHEAD;
+        (2 * frame).max(256 * 1024)
+    }
+}
+
+/// What both sides agreed on, for logs and for sizing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub version: u8,
+    pub tag: u16,
+    pub peer_identity: String,
+    pub peer_limits: Limits,
+}
+
+/// Why a session ended. Every stream it carried is gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// The channel went away (socket closed, device reports no host).
+    LinkLost,
+    /// Nothing arrived for the idle timeout.
+    IdleTimeout(Duration),
+    /// The peer sent a HELLO with a new nonce: it restarted.
+    PeerRestarted,
+    /// The peer broke the protocol; a GOAWAY with `code` was sent.
+    Violation { code: Code, detail: String },
+    /// The peer sent GOAWAY with no drain period.
+    PeerGoAway { code: Code, text: String },
+    /// A GOAWAY's drain period is over or no stream is left.
+    Drained,
+    /// This side stopped (see [`Session::shutdown`]) before the session drained.
+    Shutdown,
+}
+
+impl EndReason {
+    fn is_failure(&self) -> bool {
+        matches!(self, EndReason::Violation { .. })
+            || matches!(self, EndReason::PeerGoAway { code, .. } if *code != Code::NoError && *code != Code::GoingAway)
+    }
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndReason::LinkLost => f.write_str("link lost"),
+            EndReason::IdleTimeout(d) => write!(f, "nothing received for {} ms", d.as_millis()),
+            EndReason::PeerRestarted => f.write_str("peer restarted (new HELLO)"),
+            EndReason::Violation { code, detail } => write!(f, "{code}: {detail}"),
+            EndReason::PeerGoAway { code, text } => write!(f, "peer sent GOAWAY {code}: {text}"),
+            EndReason::Drained => f.write_str("drained after GOAWAY"),
+            EndReason::Shutdown => f.write_str("shut down"),
+        }
+    }
+}
+
+/// What the caller must act on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// The handshake completed; the guest may open streams.
+    Established(SessionInfo),
+    /// The session ended: abort every stream it carried.
+    Ended(EndReason),
+    /// The handshake failed: the peer refused us (`by_peer`) or we refused it.
+    Rejected {
+        by_peer: bool,
+        code: Code,
+        text: String,
+    },
+    /// (host) The guest opened a stream: connect, then [`Session::accept`] or
+    /// [`Session::refuse`]. DATA may arrive before that.
+    Opened { stream: StreamId, service: String },
+    /// (guest) The host accepted a stream.
+    Accepted { stream: StreamId },
+    /// An open was refused: by the host (`by_peer`, guest side) or by this
+    /// session on its own (host side: stream limit, going away). The stream is gone.
+    Refused {
+        stream: StreamId,
+        code: Code,
+        text: String,
+        by_peer: bool,
+    },
+    /// Stream bytes, in order. Pass them on, then call [`Session::consumed`].
+    Data { stream: StreamId, bytes: &'a [u8] },
+    /// The peer will send no more data on the stream (half-close).
+    Finished { stream: StreamId },
+    /// The stream is gone: reset by the peer (`by_peer`) or here because the
+    /// peer broke its rules. Abort the socket.
+    Reset {
+        stream: StreamId,
+        code: Code,
+        text: String,
+        by_peer: bool,
+    },
+    /// The stream had no credit and has some again.
+    Credit { stream: StreamId },
+    /// The peer sent GOAWAY: open no new streams.
+    GoingAway {
+        code: Code,
+        drain: Duration,
+        text: String,
+    },
+}
+
+/// Why [`Session::open`] could not open a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenError {
+    NotEstablished,
+    GoingAway,
+    /// The peer's `max streams` is reached.
+    TooManyStreams,
+    BadServiceName,
+    /// Only the guest opens streams.
+    WrongRole,
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OpenError::NotEstablished => "no session",
+            OpenError::GoingAway => "session is going away",
+            OpenError::TooManyStreams => "peer's stream limit reached",
+            OpenError::BadServiceName => "bad service name",
+            OpenError::WrongRole => "only the guest opens streams",
+        })
+    }
+}
+
+/// Counters over the life of the [`Session`] (all sessions on the link).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub sessions: u64,
+    pub frames_in: u64,
+    pub stale_frames: u64,
+    pub hellos_discarded: u64,
+    pub bytes_discarded: u64,
+    pub stream_violations: u64,
+}
+
+#[derive(Debug)]
+struct Stream {
+    send: SendCredit,
+    recv: RecvWindow,
+    accepted: bool,
+    local_fin: bool,
+    remote_fin: bool,
+}
+
+#[derive(Debug)]
+struct Handshake {
+    nonce: Nonce,
+    /// The peer nonce we last echoed.
+    echoed: Option<Nonce>,
+    retry_at: Instant,
+    retry_every: Duration,
+    /// When the partial HELLO at the front of the input began to arrive.
+    partial_since: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Established {
+    info: SessionInfo,
+    peer_nonce: Nonce,
+    streams: HashMap<StreamId, Stream>,
+    /// Highest stream id opened in this session.
+    highest: u64,
+    since: Instant,
+    last_rx: Instant,
+    ping: Option<[u8; 8]>,
+    pending_pong: Option<[u8; 8]>,
+    /// Set once a GOAWAY was sent or received: when the session ends.
+    drain_until: Option<Instant>,
+}
+
+#[derive(Debug)]
+enum State {
+    Down,
+    Hold { until: Instant },
+    Handshaking(Handshake),
+    Established(Box<Established>),
+    Closed,
+}
+
+/// What one step of input processing produced.
+enum Step {
+    /// More input is needed.
+    Need,
+    /// Something was consumed; go on.
+    Continue,
+    Event(Event<'static>),
+    /// A DATA payload at `rx` offset `from`.
+    Data {
+        stream: StreamId,
+        from: usize,
+        len: usize,
+    },
+}
+
+/// One end of a Vios session over one channel.
+#[derive(Debug)]
+pub struct Session {
+    cfg: Config,
+    rng: SplitMix64,
+    state: State,
+    rx: RxBuf,
+    tx: TxBuf,
+    queued: VecDeque<Event<'static>>,
+    /// Sessions or handshakes that failed in a row.
+    failures: u32,
+    shutting_down: bool,
+    stats: Stats,
+}
+
+impl Session {
+    /// A session whose link is down. `seed` feeds the nonce generator.
+    pub fn new(cfg: Config, seed: u64) -> Session {
+        debug_assert!(cfg.limits.check().is_ok(), "{:?}", cfg.limits.check());
+        Session {
+            rx: RxBuf::with_capacity(cfg.rx_capacity()),
+            cfg,
+            rng: SplitMix64::new(seed),
+            state: State::Down,
+            tx: TxBuf::default(),
+            queued: VecDeque::new(),
+            failures: 0,
+            shutting_down: false,
+            stats: Stats::default(),
+        }
+    }
+
+    // ---- getters ----
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn is_established(&self) -> bool {
+        matches!(self.state, State::Established(_))
+    }
+
+    /// True once a shut-down session has ended: nothing more will happen.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    pub fn info(&self) -> Option<&SessionInfo> {
+        match &self.state {
+            State::Established(e) => Some(&e.info),
+            _ => None,
+        }
+    }
+
+    /// Whether new streams may be opened now.
+    pub fn can_open(&self) -> bool {
+        match &self.state {
+            State::Established(e) => {
+                e.drain_until.is_none()
+                    && (e.streams.len() as u64) < u64::from(e.info.peer_limits.max_streams)
+            }
+            _ => false,
+        }
+    }
+
+    /// Live streams of the current session.
+    pub fn stream_count(&self) -> usize {
+        match &self.state {
+            State::Established(e) => e.streams.len(),
+            _ => 0,
+        }
+    }
+
+    /// Credit left to send on `stream` (0 for an unknown stream).
+    pub fn send_credit(&self, stream: StreamId) -> u32 {
+        self.est_ref()
+            .and_then(|e| e.streams.get(&stream))
+            .map_or(0, |s| s.send.available())
+    }
+
+    // ---- link ----
+
+    /// The channel is connected: start a handshake (or wait out a backoff).
+    pub fn link_up(&mut self, now: Instant) {
+        if !matches!(self.state, State::Down) {
+            return;
+        }
+        self.rx.clear();
+        self.tx.clear();
+        self.retry_handshake(now);
+    }
+
+    /// The channel is gone. Ends the session (an [`Event::Ended`] follows);
+    /// unsent and unparsed bytes are dropped.
+    pub fn link_down(&mut self, now: Instant) {
+        if let State::Established(_) = self.state {
+            let ev = self.end(EndReason::LinkLost, now);
+            self.queued.push_back(ev);
+        }
+        self.rx.clear();
+        self.tx.clear();
+        if !matches!(self.state, State::Closed) {
+            self.state = State::Down;
+        }
+    }
+
+    // ---- input ----
+
+    /// Where to read channel bytes into. Empty when the caller must not read
+    /// now: the input buffer is full, or replies are backed up because the
+    /// peer does not read (stop reading until they are written).
+    pub fn recv_space(&mut self) -> &mut [u8] {
+        if self.replies_backed_up() {
+            return &mut [];
+        }
+        self.rx.space()
+    }
+
+    /// `n` bytes were read into [`Session::recv_space`].
+    pub fn recv_commit(&mut self, n: usize) {
+        self.rx.commit(n);
+    }
+
+    /// The next event, parsing buffered input as needed. Call until `None`,
+    /// then again after more input, a write to the channel, or a timeout.
+    pub fn poll_event(&mut self, now: Instant) -> Option<Event<'_>> {
+        if let Some(ev) = self.queued.pop_front() {
+            return Some(ev);
+        }
+        if self.drained() {
+            return Some(self.end(EndReason::Drained, now));
+        }
+        loop {
+            if self.rx.is_empty() || self.replies_backed_up() {
+                return None;
+            }
+            let step = match &self.state {
+                State::Down | State::Closed => self.discard_input(),
+                State::Hold { until } => {
+                    if now >= *until {
+                        self.start_handshake(now);
+                        Step::Continue
+                    } else {
+                        self.discard_input()
+                    }
+                }
+                State::Handshaking(_) => self.scan_hello(now),
+                State::Established(_) => self.next_frame(now),
+            };
+            match step {
+                Step::Need => return None,
+                Step::Continue => {}
+                Step::Event(ev) => return Some(ev),
+                Step::Data { stream, from, len } => {
+                    return Some(Event::Data {
+                        stream,
+                        bytes: self.rx.consumed_slice(from, len),
+                    })
+                }
+            }
+        }
+    }
+
+    // ---- output ----
+
+    /// Bytes to write to the channel.
+    pub fn poll_transmit(&mut self) -> &[u8] {
+        if let State::Established(e) = &mut self.state {
+            if let Some(opaque) = e.pending_pong.take() {
+                let tag = e.info.tag;
+                push_frame(&mut self.tx, tag, &Frame::Pong { opaque });
+            }
+        }
+        self.tx.pending()
+    }
+
+    /// `n` bytes of [`Session::poll_transmit`] were written.
+    pub fn advance_transmit(&mut self, n: usize) {
+        self.tx.advance(n);
+    }
+
+    /// Whether anything waits to be written.
+    pub fn wants_write(&self) -> bool {
+        !self.tx.is_empty() || self.est_ref().is_some_and(|e| e.pending_pong.is_some())
+    }
+
+    /// When [`Session::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.state {
+            State::Down | State::Closed => None,
+            State::Hold { until } => Some(*until),
+            State::Handshaking(h) => {
+                let partial = h.partial_since.map(|t| t + self.cfg.hello_deadline);
+                Some(partial.map_or(h.retry_at, |p| p.min(h.retry_at)))
+            }
+            State::Established(e) => {
+                let idle = self.cfg.idle_timeout();
+                let mut t = e.last_rx + idle;
+                if e.ping.is_none() {
+                    t = t.min(e.last_rx + idle / 3);
+                }
+                if let Some(d) = e.drain_until {
+                    t = t.min(d);
+                }
+                Some(t)
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let idle = self.cfg.idle_timeout();
+        match &mut self.state {
+            State::Down | State::Closed => {}
+            State::Hold { until } => {
+                if now >= *until {
+                    self.start_handshake(now);
+                }
+            }
+            State::Handshaking(h) => {
+                if h.partial_since
+                    .is_some_and(|t| now >= t + self.cfg.hello_deadline)
+                {
+                    // A HELLO trickling in too slowly: skip it and scan on.
+                    h.partial_since = None;
+                    self.rx.consume(1);
+                    self.stats.hellos_discarded += 1;
+                }
+                if now >= h.retry_at {
+                    h.retry_every = (h.retry_every * 2).min(self.cfg.hello_retry_max);
+                    h.retry_at = now + h.retry_every;
+                    let (nonce, echo) = (h.nonce, h.echoed.unwrap_or(NO_NONCE));
+                    // Never stack HELLOs behind a channel nobody drains.
+                    if self.tx.is_empty() {
+                        self.queue_hello(nonce, echo, None);
+                    }
+                }
+            }
+            State::Established(e) => {
+                if e.drain_until.is_some_and(|d| now >= d) {
+                    let ev = self.end(EndReason::Drained, now);
+                    self.queued.push_back(ev);
+                } else if now >= e.last_rx + idle {
+                    let ev = self.end(EndReason::IdleTimeout(idle), now);
+                    self.queued.push_back(ev);
+                } else if e.ping.is_none() && now >= e.last_rx + idle / 3 {
+                    let opaque = self.rng.next_u64().to_be_bytes();
+                    e.ping = Some(opaque);
+                    let tag = e.info.tag;
+                    push_frame(&mut self.tx, tag, &Frame::Ping { opaque });
+                }
+            }
+        }
+    }
+
+    // ---- streams ----
+
+    /// (guest) Opens a stream to `service`. DATA may follow at once.
+    pub fn open(&mut self, service: &str) -> Result<StreamId, OpenError> {
+        if self.cfg.role != Role::Guest {
+            return Err(OpenError::WrongRole);
+        }
+        frame::check_service_name(service.as_bytes()).map_err(|_| OpenError::BadServiceName)?;
+        let window = self.cfg.limits.initial_window;
+        let State::Established(e) = &mut self.state else {
+            return Err(OpenError::NotEstablished);
+        };
+        if e.drain_until.is_some() {
+            return Err(OpenError::GoingAway);
+        }
+        if e.streams.len() as u64 >= u64::from(e.info.peer_limits.max_streams) {
+            return Err(OpenError::TooManyStreams);
+        }
+        e.highest += 1;
+        let stream = StreamId(e.highest);
+        e.streams.insert(
+            stream,
+            Stream::new(e.info.peer_limits.initial_window, window),
+        );
+        let tag = e.info.tag;
+        push_frame(&mut self.tx, tag, &Frame::Open { stream, service });
+        Ok(stream)
+    }
+
+    /// (host) The stream's service is connected: tell the guest.
+    pub fn accept(&mut self, stream: StreamId) {
+        if let Some((s, tag)) = self.stream_mut(stream) {
+            if !s.accepted {
+                s.accepted = true;
+                push_frame(&mut self.tx, tag, &Frame::Accept { stream });
+            }
+        }
+    }
+
+    /// (host) Refuses an opened stream; it is gone.
+    pub fn refuse(&mut self, stream: StreamId, code: Code, text: &str) {
+        let Some(e) = self.est_mut() else { return };
+        if e.streams.remove(&stream).is_some() {
+            let text = frame::clip_text(text, frame::MAX_REASON_TEXT);
+            let tag = e.info.tag;
+            push_frame(&mut self.tx, tag, &Frame::Refuse { stream, code, text });
+        }
+    }
+
+    /// Room to read stream bytes into, straight into the next DATA frame, or
+    /// `None` when the stream cannot send now (no credit, channel backed up,
+    /// not accepted yet, already finished, or gone).
+    pub fn send_space(&mut self, stream: StreamId) -> Option<&mut [u8]> {
+        if self.tx.len() >= self.cfg.tx_high_water {
+            return None;
+        }
+        let guest = self.cfg.role == Role::Guest;
+        let State::Established(e) = &mut self.state else {
+            return None;
+        };
+        let max = e.info.peer_limits.max_frame_payload as usize;
+        let s = e.streams.get(&stream)?;
+        if s.local_fin || !(s.accepted || guest) || s.send.available() == 0 {
+            return None;
+        }
+        let n = max.min(s.send.available() as usize);
+        Some(self.tx.data_slot(stream, n))
+    }
+
+    /// The first `n` bytes of the last [`Session::send_space`] are stream data.
+    pub fn send_commit(&mut self, stream: StreamId, n: usize) {
+        let State::Established(e) = &mut self.state else {
+            panic!("send_commit without an established session");
+        };
+        let s = e
+            .streams
+            .get_mut(&stream)
+            .expect("send_commit on a stream without send_space");
+        s.send.consume(n as u32);
+        self.tx.commit_data(stream, n, e.info.tag);
+    }
+
+    /// Copies as much of `data` as the stream may send now; returns how much.
+    pub fn send(&mut self, stream: StreamId, data: &[u8]) -> usize {
+        let mut sent = 0;
+        while sent < data.len() {
+            let Some(space) = self.send_space(stream) else {
+                break;
+            };
+            let n = space.len().min(data.len() - sent);
+            space[..n].copy_from_slice(&data[sent..sent + n]);
+            self.send_commit(stream, n);
+            sent += n;
+        }
+        sent
+    }
+
+    /// Half-closes the stream: no more data from this side.
+    pub fn finish(&mut self, stream: StreamId) {
+        let Some((s, tag)) = self.stream_mut(stream) else {
+            return;
+        };
+        if s.local_fin {
+            return;
+        }
+        s.local_fin = true;
+        let done = s.remote_fin;
+        push_frame(&mut self.tx, tag, &Frame::Fin { stream });
+        if done {
+            self.forget(stream);
+        }
+    }
+
+    /// Aborts the stream in both directions; it is gone.
+    pub fn reset(&mut self, stream: StreamId, code: Code, text: &str) {
+        let Some(e) = self.est_mut() else { return };
+        if e.streams.remove(&stream).is_some() {
+            let text = frame::clip_text(text, frame::MAX_REASON_TEXT);
+            let tag = e.info.tag;
+            push_frame(&mut self.tx, tag, &Frame::Reset { stream, code, text });
+        }
+    }
+
+    /// `n` bytes of the stream were passed onward: return credit in due course.
+    pub fn consumed(&mut self, stream: StreamId, n: usize) {
+        let Some((s, tag)) = self.stream_mut(stream) else {
+            return;
+        };
+        if s.remote_fin {
+            return; // the peer sends no more: credit would be wasted
+        }
+        if let Some(increment) = s.recv.on_consumed(n as u32) {
+            push_frame(&mut self.tx, tag, &Frame::Credit { stream, increment });
+        }
+    }
+
+    // ---- session ----
+
+    /// Sends GOAWAY: no new streams; the session ends when no stream is left
+    /// or after `drain`.
+    pub fn go_away(&mut self, code: Code, drain: Duration, text: &str, now: Instant) {
+        let Some(e) = self.est_mut() else { return };
+        if e.drain_until.is_some() {
+            return;
+        }
+        e.drain_until = Some(now + drain);
+        let tag = e.info.tag;
+        let drain_ms = u32::try_from(drain.as_millis()).unwrap_or(u32::MAX);
+        let text = frame::clip_text(text, frame::MAX_GOAWAY_TEXT);
+        push_frame(
+            &mut self.tx,
+            tag,
+            &Frame::GoAway {
+                code,
+                drain_ms,
+                text,
+            },
+        );
+    }
+
+    /// Stops for good: GOAWAY with `grace`, and no new handshake once the
+    /// session has ended. Returns at once; watch [`Session::is_closed`].
+    pub fn shutdown(&mut self, grace: Duration, now: Instant) {
+        self.shutting_down = true;
+        if self.is_established() {
+            self.go_away(Code::NoError, grace, "shutting down", now);
+        } else {
+            self.state = State::Closed;
+        }
+    }
+
+    /// Ends the session at once (after [`Session::shutdown`]'s grace ran out).
+    pub fn close(&mut self, now: Instant) {
+        self.shutting_down = true;
+        if self.is_established() {
+            let ev = self.end(EndReason::Shutdown, now);
+            self.queued.push_back(ev);
+        }
+        self.state = State::Closed;
+    }
+
+    // ---- internals: handshake ----
+
+    fn retry_handshake(&mut self, now: Instant) {
+        if self.shutting_down {
+            self.state = State::Closed;
+        } else if self.failures >= 2 {
+            let exp = (self.failures - 2).min(16);
+            let wait = (self.cfg.backoff_first * 2u32.pow(exp)).min(self.cfg.backoff_max);
+            self.state = State::Hold { until: now + wait };
+        } else {
+            self.start_handshake(now);
+        }
+    }
+
+    fn start_handshake(&mut self, now: Instant) {
+        let nonce = self.rng.nonce();
+        self.state = State::Handshaking(Handshake {
+            nonce,
+            echoed: None,
+            retry_at: now + self.cfg.hello_retry_first,
+            retry_every: self.cfg.hello_retry_first,
+            partial_since: None,
+        });
+        self.queue_hello(nonce, NO_NONCE, None);
+    }
+
+    fn queue_hello(&mut self, nonce: Nonce, echo: Nonce, refuse: Option<(Code, &str)>) {
+        let hello = Hello {
+            min_version: hello::VERSION_MIN,
+            max_version: hello::VERSION_MAX,
+            role: Some(self.cfg.role),
+            refuse: refuse.is_some(),
+            nonce,
+            echo,
+            capabilities: 0,
+            limits: self.cfg.limits,
+            code: refuse.map_or(Code::NoError, |r| r.0),
+            text: refuse.map_or(self.cfg.identity.clone(), |r| r.1.to_owned()),
+        };
+        let mut bytes = Vec::with_capacity(hello.encoded_len());
+        hello.encode(&mut bytes);
+        self.tx.append(bytes.len()).copy_from_slice(&bytes);
+    }
+
+    // ---- internals: ending ----
+
+    fn drained(&self) -> bool {
+        matches!(&self.state, State::Established(e) if e.drain_until.is_some() && e.streams.is_empty())
+    }
+
+    /// Ends an established session and moves on to a new handshake, a
+    /// backoff, or `Closed`. Returns the [`Event::Ended`] to deliver.
+    fn end(&mut self, reason: EndReason, now: Instant) -> Event<'static> {
+        let State::Established(e) = &self.state else {
+            unreachable!("only an established session ends")
+        };
+        if now.duration_since(e.since) >= self.cfg.backoff_reset_after {
+            self.failures = 0;
+        }
+        if reason.is_failure() {
+            self.failures += 1;
+        }
+        self.state = State::Down;
+        self.retry_handshake(now);
+        Event::Ended(reason)
+    }
+
+    fn replies_backed_up(&self) -> bool {
+        let max_frame = self.cfg.limits.max_frame_payload as usize;
+        self.tx.len() >= self.cfg.tx_high_water + max_frame + CONTROL_ALLOWANCE
+    }
+
+    fn est_ref(&self) -> Option<&Established> {
+        match &self.state {
+            State::Established(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    fn est_mut(&mut self) -> Option<&mut Established> {
+        match &mut self.state {
+            State::Established(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// A live stream and the session tag.
+    fn stream_mut(&mut self, stream: StreamId) -> Option<(&mut Stream, u16)> {
+        let e = self.est_mut()?;
+        let tag = e.info.tag;
+        e.streams.get_mut(&stream).map(|s| (s, tag))
+    }
+
+    fn forget(&mut self, stream: StreamId) {
+        if let Some(e) = self.est_mut() {
+            e.streams.remove(&stream);
+        }
+    }
+}
+
+impl Stream {
+    fn new(send_window: u32, recv_window: u32) -> Stream {
+        Stream {
+            send: SendCredit::new(send_window),
+            recv: RecvWindow::new(recv_window),
+            accepted: false,
+            local_fin: false,
+            remote_fin: false,
+        }
+    }
+}
+
+impl Role {
+    fn other(self) -> Role {
+        match self {
+            Role::Guest => Role::Host,
+            Role::Host => Role::Guest,
+        }
+    }
+}
+
+fn push_frame(tx: &mut TxBuf, tag: u16, frame: &Frame<'_>) {
+    frame.encode(tag, tx.append(frame.encoded_len()));
+}

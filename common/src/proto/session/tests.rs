@@ -1,0 +1,803 @@
+//! Two sessions driven against each other in memory, on virtual time.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::proto::frame::{write_header, FrameType, HEADER_LEN};
+use crate::proto::hello::HelloParse;
+
+/// An event with its data copied out, so tests can keep it.
+#[derive(Debug, PartialEq, Eq)]
+enum Ev {
+    Data(StreamId, Vec<u8>),
+    Other(Event<'static>),
+}
+
+fn own(ev: Event<'_>) -> Ev {
+    match ev {
+        Event::Data { stream, bytes } => Ev::Data(stream, bytes.to_vec()),
+        Event::Established(i) => Ev::Other(Event::Established(i)),
+        Event::Ended(r) => Ev::Other(Event::Ended(r)),
+        Event::Rejected {
+            by_peer,
+            code,
+            text,
+        } => Ev::Other(Event::Rejected {
+            by_peer,
+            code,
+            text,
+        }),
+        Event::Opened { stream, service } => Ev::Other(Event::Opened { stream, service }),
+        Event::Accepted { stream } => Ev::Other(Event::Accepted { stream }),
+        Event::Refused {
+            stream,
+            code,
+            text,
+            by_peer,
+        } => Ev::Other(Event::Refused {
+            stream,
+            code,
+            text,
+            by_peer,
+        }),
+        Event::Finished { stream } => Ev::Other(Event::Finished { stream }),
+        Event::Reset {
+            stream,
+            code,
+            text,
+            by_peer,
+        } => Ev::Other(Event::Reset {
+            stream,
+            code,
+            text,
+            by_peer,
+        }),
+        Event::Credit { stream } => Ev::Other(Event::Credit { stream }),
+        Event::GoingAway { code, drain, text } => Ev::Other(Event::GoingAway { code, drain, text }),
+    }
+}
+
+/// One side plus what it has seen.
+struct Side {
+    s: Session,
+    events: Vec<Ev>,
+    /// Received stream bytes per stream, when the side passes data on at once.
+    auto_consume: bool,
+}
+
+impl Side {
+    fn new(role: Role, seed: u64) -> Side {
+        Side {
+            s: Session::new(Config::new(role, format!("{role} test")), seed),
+            events: vec![],
+            auto_consume: true,
+        }
+    }
+
+    fn poll(&mut self, now: Instant) {
+        loop {
+            let Some(ev) = self.s.poll_event(now) else {
+                break;
+            };
+            let ev = own(ev);
+            if let Ev::Data(stream, bytes) = &ev {
+                if self.auto_consume {
+                    let (stream, n) = (*stream, bytes.len());
+                    self.events.push(ev);
+                    self.s.consumed(stream, n);
+                    continue;
+                }
+            }
+            self.events.push(ev);
+        }
+    }
+
+    fn take(&mut self) -> Vec<Ev> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn data(&self, stream: StreamId) -> Vec<u8> {
+        let mut out = vec![];
+        for e in &self.events {
+            if let Ev::Data(s, b) = e {
+                if *s == stream {
+                    out.extend_from_slice(b);
+                }
+            }
+        }
+        out
+    }
+
+    fn has(&self, pred: impl Fn(&Event<'static>) -> bool) -> bool {
+        self.events
+            .iter()
+            .any(|e| matches!(e, Ev::Other(ev) if pred(ev)))
+    }
+}
+
+struct Pair {
+    g: Side,
+    h: Side,
+    now: Instant,
+    /// Largest chunk moved per read, to exercise partial frames.
+    chunk: usize,
+    /// When false, bytes the guest writes are lost (a frozen or absent guest).
+    g_to_h: bool,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        Pair {
+            g: Side::new(Role::Guest, 1),
+            h: Side::new(Role::Host, 2),
+            now: Instant::now(),
+            chunk: usize::MAX,
+            g_to_h: true,
+        }
+    }
+
+    fn up(&mut self) {
+        self.g.s.link_up(self.now);
+        self.h.s.link_up(self.now);
+        self.drive();
+        assert!(self.g.s.is_established() && self.h.s.is_established());
+    }
+
+    /// Moves bytes both ways until nothing changes.
+    fn drive(&mut self) {
+        for _ in 0..100_000 {
+            let a = transfer(&mut self.g.s, &mut self.h.s, self.chunk, self.g_to_h);
+            let b = transfer(&mut self.h.s, &mut self.g.s, self.chunk, true);
+            self.g.poll(self.now);
+            self.h.poll(self.now);
+            if a + b == 0 {
+                return;
+            }
+        }
+        panic!("pair did not settle");
+    }
+
+    fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        loop {
+            let next = [self.g.s.poll_timeout(), self.h.s.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .filter(|&t| t <= end)
+                .min();
+            let Some(t) = next else { break };
+            self.now = t.max(self.now);
+            self.g.s.handle_timeout(self.now);
+            self.h.s.handle_timeout(self.now);
+            self.drive();
+        }
+        self.now = end;
+        self.drive();
+    }
+}
+
+/// Moves up to `chunk` bytes at a time from `a`'s transmit buffer into `b`.
+fn transfer(a: &mut Session, b: &mut Session, chunk: usize, deliver: bool) -> usize {
+    let mut moved = 0;
+    loop {
+        let out = a.poll_transmit();
+        if out.is_empty() {
+            return moved;
+        }
+        if !deliver {
+            let n = out.len();
+            a.advance_transmit(n);
+            moved += n;
+            continue;
+        }
+        let space = b.recv_space();
+        let n = out.len().min(space.len()).min(chunk);
+        if n == 0 {
+            return moved;
+        }
+        space[..n].copy_from_slice(&a.tx.pending()[..n]);
+        b.recv_commit(n);
+        a.advance_transmit(n);
+        moved += n;
+        if moved > 0 && chunk != usize::MAX {
+            return moved;
+        }
+    }
+}
+
+fn established(side: &Side) -> bool {
+    side.has(|e| matches!(e, Event::Established(_)))
+}
+
+fn ended(side: &Side) -> Option<EndReason> {
+    side.events.iter().find_map(|e| match e {
+        Ev::Other(Event::Ended(r)) => Some(r.clone()),
+        _ => None,
+    })
+}
+
+/// Opens a stream from the guest, accepted by the host.
+fn open_accepted(p: &mut Pair) -> StreamId {
+    let id = p.g.s.open("amqp").unwrap();
+    p.drive();
+    assert!(p.h.take().contains(&Ev::Other(Event::Opened {
+        stream: id,
+        service: "amqp".into()
+    })));
+    p.h.s.accept(id);
+    p.drive();
+    assert!(p
+        .g
+        .take()
+        .contains(&Ev::Other(Event::Accepted { stream: id })));
+    id
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn handshake_agrees_on_tag_and_limits() {
+    let mut p = Pair::new();
+    p.up();
+    let gi = p.g.s.info().unwrap().clone();
+    let hi = p.h.s.info().unwrap().clone();
+    assert_eq!(gi.tag, hi.tag);
+    assert_eq!(gi.version, 1);
+    assert_eq!(gi.peer_identity, "host test");
+    assert_eq!(hi.peer_identity, "guest test");
+    assert!(established(&p.g) && established(&p.h));
+}
+
+#[test]
+fn handshake_one_side_first() {
+    // The host comes up long before the guest; its HELLOs pile up unread.
+    let mut p = Pair::new();
+    p.h.s.link_up(p.now);
+    for _ in 0..5 {
+        p.now += Duration::from_secs(10);
+        p.h.s.handle_timeout(p.now);
+    }
+    p.g.s.link_up(p.now);
+    p.drive();
+    assert!(p.g.s.is_established() && p.h.s.is_established());
+}
+
+#[test]
+fn stale_bytes_before_the_handshake_are_discarded() {
+    let mut p = Pair::new();
+    // An earlier session's frames and a stale HELLO from an earlier host sit in
+    // the guest's input before anything of this host's.
+    let mut old = Session::new(Config::new(Role::Host, "old"), 99);
+    old.link_up(p.now);
+    let mut junk = old.poll_transmit().to_vec();
+    let mut f = [0u8; HEADER_LEN + 4 + 2];
+    write_header(&mut f, FrameType::Data, 0x1234, 4, StreamId(1));
+    junk.extend_from_slice(&f);
+    junk.extend_from_slice(&crate::proto::hello::MAGIC[..5]); // a torn magic
+    let space = p.g.s.recv_space();
+    space[..junk.len()].copy_from_slice(&junk);
+    p.g.s.link_up(p.now);
+    p.g.s.recv_commit(junk.len());
+    p.h.s.link_up(p.now);
+    p.drive();
+    assert!(p.g.s.is_established() && p.h.s.is_established());
+    assert!(!p.g.events.iter().any(|e| matches!(e, Ev::Data(..))));
+    let id = open_accepted(&mut p);
+    assert_eq!(p.g.s.send(id, b"ping"), 4);
+    p.drive();
+    assert_eq!(p.h.data(id), b"ping");
+}
+
+#[test]
+fn stream_round_trip_with_half_close() {
+    let mut p = Pair::new();
+    p.up();
+    let id = open_accepted(&mut p);
+    let up = pattern(700_000, 1);
+    let down = pattern(900_000, 2);
+    let (mut us, mut ds) = (0, 0);
+    while us < up.len() || ds < down.len() {
+        us += p.g.s.send(id, &up[us..]);
+        ds += p.h.s.send(id, &down[ds..]);
+        p.drive();
+    }
+    p.g.s.finish(id);
+    p.drive();
+    assert!(p.h.has(|e| *e == Event::Finished { stream: id }));
+    // The host still sends after the guest's FIN.
+    assert_eq!(p.h.s.send(id, b"tail"), 4);
+    p.h.s.finish(id);
+    p.drive();
+    assert_eq!(p.h.data(id), up);
+    let mut want = down.clone();
+    want.extend_from_slice(b"tail");
+    assert_eq!(p.g.data(id), want);
+    assert_eq!(p.g.s.stream_count(), 0);
+    assert_eq!(p.h.s.stream_count(), 0);
+}
+
+#[test]
+fn data_may_follow_open_before_accept() {
+    let mut p = Pair::new();
+    p.up();
+    let id = p.g.s.open("amqp").unwrap();
+    assert_eq!(p.g.s.send(id, b"AMQP"), 4);
+    p.g.s.finish(id);
+    p.drive();
+    assert_eq!(p.h.data(id), b"AMQP");
+    assert!(p.h.has(|e| *e == Event::Finished { stream: id }));
+    // The host sends nothing before it accepts.
+    assert!(p.h.s.send_space(id).is_none());
+    p.h.s.accept(id);
+    assert_eq!(p.h.s.send(id, b"ok"), 2);
+    p.h.s.finish(id);
+    p.drive();
+    assert_eq!(p.g.data(id), b"ok");
+    assert_eq!(p.h.s.stream_count(), 0);
+}
+
+#[test]
+fn refusal_and_reset_both_ways() {
+    let mut p = Pair::new();
+    p.up();
+    let a = p.g.s.open("nosuch").unwrap();
+    p.drive();
+    p.h.s
+        .refuse(a, Code::UnknownService, "no service \"nosuch\"");
+    p.drive();
+    assert!(p.g.has(|e| matches!(e, Event::Refused { stream, code: Code::UnknownService, by_peer: true, .. } if *stream == a)));
+    assert_eq!(p.g.s.stream_count(), 0);
+
+    let b = open_accepted(&mut p);
+    p.g.s.reset(b, Code::Aborted, "client reset");
+    p.drive();
+    assert!(p.h.has(|e| matches!(e, Event::Reset { stream, code: Code::Aborted, by_peer: true, .. } if *stream == b)));
+    let c = open_accepted(&mut p);
+    p.h.s.reset(c, Code::Aborted, "broker reset");
+    p.drive();
+    assert!(p
+        .g
+        .has(|e| matches!(e, Event::Reset { stream, by_peer: true, .. } if *stream == c)));
+    assert_eq!((p.g.s.stream_count(), p.h.s.stream_count()), (0, 0));
+}
+
+#[test]
+fn frames_in_flight_after_a_reset_are_ignored() {
+    let mut p = Pair::new();
+    p.up();
+    let id = open_accepted(&mut p);
+    // Both send; the host resets before it sees the guest's data.
+    p.g.s.send(id, b"late data");
+    p.g.s.finish(id);
+    p.h.s.reset(id, Code::Aborted, "gone");
+    p.drive();
+    assert!(p.g.s.is_established() && p.h.s.is_established());
+    assert_eq!(p.h.s.stats().stale_frames, 2);
+}
+
+#[test]
+fn credit_is_returned_only_when_consumed() {
+    let mut p = Pair::new();
+    p.h.auto_consume = false;
+    p.up();
+    let id = open_accepted(&mut p);
+    let window = DEFAULT_INITIAL_WINDOW as usize;
+    let big = pattern(window * 3, 3);
+    let sent = p.g.s.send(id, &big);
+    p.drive();
+    assert_eq!(sent, window, "a sender stops at the window");
+    assert_eq!(p.g.s.send_credit(id), 0);
+    assert_eq!(p.h.data(id).len(), window);
+    // The host passes on half: credit comes back and the guest is told.
+    p.h.s.consumed(id, window / 2);
+    p.drive();
+    assert!(p.g.has(|e| *e == Event::Credit { stream: id }));
+    assert_eq!(p.g.s.send_credit(id) as usize, window / 2);
+}
+
+#[test]
+fn credit_overrun_resets_only_that_stream() {
+    let mut p = Pair::new();
+    p.h.auto_consume = false;
+    p.up();
+    let a = open_accepted(&mut p);
+    let b = open_accepted(&mut p);
+    // Forge a DATA frame beyond the window on stream a.
+    let tag = p.g.s.info().unwrap().tag;
+    let payload = vec![0u8; 60_000];
+    for _ in 0..5 {
+        let f = Frame::Data {
+            stream: a,
+            payload: &payload,
+        };
+        push_frame(&mut p.g.s.tx, tag, &f);
+    }
+    p.drive();
+    assert!(p.h.has(|e| matches!(e, Event::Reset { stream, code: Code::FlowControlError, by_peer: false, .. } if *stream == a)));
+    assert!(p.g.has(|e| matches!(e, Event::Reset { stream, code: Code::FlowControlError, by_peer: true, .. } if *stream == a)));
+    assert!(p.h.s.is_established());
+    assert_eq!(p.g.s.send(b, b"still fine"), 10);
+    p.drive();
+    assert_eq!(p.h.data(b), b"still fine");
+}
+
+#[test]
+fn credit_overflow_resets_the_stream() {
+    let mut p = Pair::new();
+    p.up();
+    let a = open_accepted(&mut p);
+    let tag = p.g.s.info().unwrap().tag;
+    push_frame(
+        &mut p.g.s.tx,
+        tag,
+        &Frame::Credit {
+            stream: a,
+            increment: u32::MAX,
+        },
+    );
+    p.drive();
+    assert!(p.h.has(|e| matches!(
+        e,
+        Event::Reset {
+            code: Code::FlowControlError,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn garbage_frame_ends_the_session_and_it_recovers() {
+    let mut p = Pair::new();
+    p.up();
+    let a = open_accepted(&mut p);
+    let tag = p.g.s.info().unwrap().tag;
+    let mut bad = [0u8; 18];
+    write_header(&mut bad, FrameType::Fin, tag, 0, a);
+    bad[0] = 0x42;
+    p.g.s.tx.append(18).copy_from_slice(&bad);
+    p.drive();
+    let reason = ended(&p.h).expect("host ended the session");
+    assert!(
+        matches!(
+            reason,
+            EndReason::Violation {
+                code: Code::ProtocolError,
+                ..
+            }
+        ),
+        "{reason:?}"
+    );
+    assert!(matches!(
+        ended(&p.g),
+        Some(EndReason::PeerGoAway {
+            code: Code::ProtocolError,
+            ..
+        })
+    ));
+    // A fresh session follows without any timeout.
+    assert!(p.g.s.is_established() && p.h.s.is_established());
+    assert_eq!(p.g.s.stream_count(), 0);
+}
+
+#[test]
+fn guest_restart_mid_frame_recovers_without_delivering_junk() {
+    let mut p = Pair::new();
+    p.up();
+    let id = open_accepted(&mut p);
+    // The old guest wrote half of a DATA frame, then died.
+    p.g.s.send(id, &pattern(5000, 9));
+    let partial = p.g.s.tx.pending()[..2000].to_vec();
+    let space = p.h.s.recv_space();
+    space[..partial.len()].copy_from_slice(&partial);
+    p.h.s.recv_commit(partial.len());
+    p.h.poll(p.now);
+    p.h.take();
+    // A new guest bridge starts on the same port.
+    p.g = Side::new(Role::Guest, 77);
+    p.g.s.link_up(p.now);
+    p.drive();
+    for _ in 0..30 {
+        if p.h.s.is_established() && p.g.s.is_established() {
+            break;
+        }
+        p.advance(Duration::from_secs(1));
+    }
+    assert!(p.g.s.is_established() && p.h.s.is_established());
+    assert!(ended(&p.h).is_some());
+    assert!(
+        !p.h.events.iter().any(|e| matches!(e, Ev::Data(..))),
+        "junk taken for data"
+    );
+}
+
+#[test]
+fn peer_restart_between_frames_is_seen_at_once() {
+    let mut p = Pair::new();
+    p.up();
+    open_accepted(&mut p);
+    p.g = Side::new(Role::Guest, 1234);
+    p.g.s.link_up(p.now);
+    p.drive();
+    assert_eq!(ended(&p.h), Some(EndReason::PeerRestarted));
+    assert!(p.g.s.is_established() && p.h.s.is_established());
+    assert_eq!(p.h.s.stream_count(), 0);
+}
+
+#[test]
+fn keepalive_holds_an_idle_session_and_detects_a_dead_peer() {
+    let mut p = Pair::new();
+    p.up();
+    p.advance(Duration::from_secs(120));
+    assert!(ended(&p.g).is_none() && ended(&p.h).is_none());
+    // The guest freezes: nothing it writes arrives.
+    p.g_to_h = false;
+    p.advance(Duration::from_secs(16));
+    assert_eq!(
+        ended(&p.h),
+        Some(EndReason::IdleTimeout(Duration::from_secs(15)))
+    );
+}
+
+#[test]
+fn split_at_every_byte_boundary() {
+    // The same conversation, delivered in chunks of every size from 1 byte.
+    for chunk in [1, 2, 3, 5, 7, 16, 17, 18, 19, 100, 4096] {
+        let mut p = Pair::new();
+        p.chunk = chunk;
+        p.up();
+        let id = open_accepted(&mut p);
+        let data = pattern(20_000, chunk as u8);
+        let mut sent = 0;
+        while sent < data.len() {
+            sent += p.g.s.send(id, &data[sent..]);
+            p.drive();
+        }
+        p.g.s.finish(id);
+        p.drive();
+        assert_eq!(p.h.data(id), data, "chunk {chunk}");
+        assert!(
+            p.h.has(|e| *e == Event::Finished { stream: id }),
+            "chunk {chunk}"
+        );
+    }
+}
+
+#[test]
+fn goaway_drains_then_ends() {
+    let mut p = Pair::new();
+    p.up();
+    let id = open_accepted(&mut p);
+    p.h.s
+        .go_away(Code::NoError, Duration::from_secs(5), "maintenance", p.now);
+    p.drive();
+    assert!(p.g.has(|e| matches!(e, Event::GoingAway { .. })));
+    assert_eq!(p.g.s.open("amqp"), Err(OpenError::GoingAway));
+    // The open stream still works.
+    assert_eq!(p.g.s.send(id, b"x"), 1);
+    p.drive();
+    assert_eq!(p.h.data(id), b"x");
+    p.advance(Duration::from_secs(6));
+    assert_eq!(ended(&p.h), Some(EndReason::Drained));
+    assert_eq!(ended(&p.g), Some(EndReason::Drained));
+    // Both handshake again by themselves.
+    assert!(p.g.s.is_established() && p.h.s.is_established());
+}
+
+#[test]
+fn shutdown_closes_after_the_last_stream() {
+    let mut p = Pair::new();
+    p.up();
+    let id = open_accepted(&mut p);
+    p.h.s.shutdown(Duration::from_secs(30), p.now);
+    p.drive();
+    assert!(!p.h.s.is_closed());
+    p.g.s.finish(id);
+    p.h.s.finish(id);
+    p.drive();
+    assert!(p.h.s.is_closed());
+    assert_eq!(ended(&p.h), Some(EndReason::Drained));
+}
+
+#[test]
+fn version_mismatch_is_refused_with_a_reason() {
+    let mut p = Pair::new();
+    p.h.s.link_up(p.now);
+    // A guest from the future speaking versions 2..=3.
+    let hello = Hello {
+        min_version: 2,
+        max_version: 3,
+        role: Some(Role::Guest),
+        refuse: false,
+        nonce: [5; 16],
+        echo: NO_NONCE,
+        capabilities: 0,
+        limits: Config::new(Role::Guest, "").limits,
+        code: Code::NoError,
+        text: "future".into(),
+    };
+    let mut b = vec![];
+    hello.encode(&mut b);
+    p.h.s.recv_space()[..b.len()].copy_from_slice(&b);
+    p.h.s.recv_commit(b.len());
+    p.h.poll(p.now);
+    assert!(p.h.has(|e| matches!(e, Event::Rejected { by_peer: false, code: Code::VersionMismatch, text } if text.contains("peer speaks 2..=3"))));
+    // What the host sent back is a REFUSE HELLO.
+    let out = p.h.s.poll_transmit().to_vec();
+    let pos = hello::find_magic(&out[1..]).unwrap() + 1;
+    let HelloParse::Valid(reply, _) = Hello::parse(&out[pos..]) else {
+        panic!("no reply HELLO")
+    };
+    assert!(reply.refuse && reply.code == Code::VersionMismatch);
+}
+
+#[test]
+fn two_guests_refuse_each_other() {
+    let mut p = Pair::new();
+    p.h = Side::new(Role::Guest, 3);
+    p.g.s.link_up(p.now);
+    p.h.s.link_up(p.now);
+    p.drive();
+    assert!(p.g.has(|e| matches!(
+        e,
+        Event::Rejected {
+            code: Code::RoleMismatch,
+            ..
+        }
+    )));
+    assert!(!p.g.s.is_established());
+}
+
+#[test]
+fn ping_flood_leaves_one_pong() {
+    let mut p = Pair::new();
+    p.up();
+    let tag = p.h.s.info().unwrap().tag;
+    let mut flood = vec![];
+    for i in 0..10_000u64 {
+        let f = Frame::Ping {
+            opaque: i.to_be_bytes(),
+        };
+        let mut b = vec![0; f.encoded_len()];
+        f.encode(tag, &mut b);
+        flood.extend_from_slice(&b);
+    }
+    let mut fed = 0;
+    while fed < flood.len() {
+        let space = p.h.s.recv_space();
+        let n = space.len().min(flood.len() - fed);
+        space[..n].copy_from_slice(&flood[fed..fed + n]);
+        p.h.s.recv_commit(n);
+        fed += n;
+        p.h.poll(p.now);
+    }
+    // One PONG, for the last PING.
+    let out = p.h.s.poll_transmit();
+    assert_eq!(out.len(), 26);
+    assert_eq!(&out[HEADER_LEN..HEADER_LEN + 8], &9999u64.to_be_bytes());
+}
+
+#[test]
+fn replies_backed_up_stop_input() {
+    // The guest opens streams beyond the limit and never reads the refusals.
+    let mut p = Pair::new();
+    let mut cfg = Config::new(Role::Host, "h");
+    cfg.limits.max_streams = 1;
+    p.h = Side {
+        s: Session::new(cfg, 2),
+        events: vec![],
+        auto_consume: true,
+    };
+    p.up();
+    let tag = p.h.s.info().unwrap().tag;
+    let mut input = vec![];
+    for id in 1..=20_000u64 {
+        let f = Frame::Open {
+            stream: StreamId(id),
+            service: "amqp",
+        };
+        let mut b = vec![0; f.encoded_len()];
+        f.encode(tag, &mut b);
+        input.extend_from_slice(&b);
+    }
+    let mut fed = 0;
+    while fed < input.len() {
+        let space = p.h.s.recv_space();
+        if space.is_empty() {
+            break;
+        }
+        let n = space.len().min(input.len() - fed);
+        space[..n].copy_from_slice(&input[fed..fed + n]);
+        p.h.s.recv_commit(n);
+        fed += n;
+        p.h.poll(p.now);
+    }
+    assert!(
+        fed < input.len(),
+        "input must stop while replies are backed up"
+    );
+    let limit = DEFAULT_TX_HIGH_WATER + DEFAULT_MAX_FRAME_PAYLOAD as usize + CONTROL_ALLOWANCE;
+    assert!(p.h.s.tx.len() < limit + 300);
+}
+
+#[test]
+fn repeated_failures_back_off() {
+    let mut p = Pair::new();
+    p.up();
+    let tag = p.g.s.info().unwrap().tag;
+    let mut fails = 0;
+    for _ in 0..3 {
+        if !p.g.s.is_established() {
+            break;
+        }
+        let mut bad = [0u8; 18];
+        write_header(
+            &mut bad,
+            FrameType::Fin,
+            tag.wrapping_add(1),
+            0,
+            StreamId(1),
+        );
+        p.g.s.tx.append(18).copy_from_slice(&bad);
+        p.drive();
+        fails += 1;
+    }
+    // The first failure re-handshakes at once; the second holds off.
+    assert_eq!(fails, 2);
+    assert!(!p.h.s.is_established());
+    p.advance(Duration::from_secs(2));
+    assert!(p.g.s.is_established() && p.h.s.is_established());
+}
+
+#[test]
+fn link_loss_ends_the_session_and_link_up_restarts() {
+    let mut p = Pair::new();
+    p.up();
+    open_accepted(&mut p);
+    p.h.s.link_down(p.now);
+    p.h.poll(p.now);
+    assert_eq!(ended(&p.h), Some(EndReason::LinkLost));
+    p.g.s.link_down(p.now);
+    p.g.poll(p.now);
+    p.g.take();
+    p.h.take();
+    p.up();
+    assert_eq!(p.g.s.stream_count(), 0);
+}
+
+#[test]
+fn random_traffic_many_streams_every_byte_arrives() {
+    let mut rng = crate::proto::rng::SplitMix64::new(42);
+    let mut p = Pair::new();
+    p.chunk = 3000;
+    p.up();
+    let mut streams = vec![];
+    for i in 0..20 {
+        let id = open_accepted(&mut p);
+        let up = pattern((rng.next_u64() % 300_000) as usize, i);
+        let down = pattern((rng.next_u64() % 300_000) as usize, i + 100);
+        streams.push((id, up, 0usize, down, 0usize));
+    }
+    loop {
+        let mut busy = false;
+        for (id, up, us, down, ds) in streams.iter_mut() {
+            let n = (rng.next_u64() % 70_000) as usize;
+            let end = (*us + n).min(up.len());
+            *us += p.g.s.send(*id, &up[*us..end]);
+            let end = (*ds + n).min(down.len());
+            *ds += p.h.s.send(*id, &down[*ds..end]);
+            busy |= *us < up.len() || *ds < down.len();
+        }
+        p.drive();
+        if !busy {
+            break;
+        }
+    }
+    for (id, up, _, down, _) in &streams {
+        assert_eq!(&p.h.data(*id), up);
+        assert_eq!(&p.g.data(*id), down);
+    }
+}
