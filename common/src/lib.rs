@@ -5,6 +5,12 @@
 //! - [`proto`]: the wire protocol, sans IO (`docs/PROTOCOL.md`): frames and
 //!   HELLO codec, credit flow control, and the [`proto::Session`] state
 //!   machine. No sockets, no clock; fully testable in memory.
+//! - [`cli`]: value parsers shared by both daemons' command lines.
+//! - [`io`]: the mio glue both daemons share: a stream's socket and buffers,
+//!   the channel (unix socket or virtio-serial device), and the multiplexer
+//!   that joins them to a session.
 #![forbid(unsafe_code)]
 
+pub mod cli;
+pub mod io;
 pub mod proto;

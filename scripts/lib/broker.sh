@@ -57,6 +57,7 @@ _broker_alive() {
 
 # _broker_group_alive PGID -> 0 if any process is in that process group
 _broker_group_alive() {
+    local IFS=$' \t\n'
     local pgid=${1:-}
     [[ $pgid =~ ^[0-9]+$ ]] || return 1
     local p
@@ -164,6 +165,7 @@ broker_env() {
 }
 
 broker_start() {
+    local IFS=$' \t\n'
     if (($# != 2)); then
         _broker_log "usage: broker_start DIR PORT"
         return 2
@@ -209,14 +211,17 @@ broker_start() {
     setsid -w epmd -port "$epmd_port" -address 127.0.0.1 \
         </dev/null >>"$dir/log/epmd.log" 2>&1 &
     local epmd_launch=$!
+    disown "$epmd_launch" 2>/dev/null || true   # no job notices under set -m
     for ((i = 0; i < 100; i++)); do
         epmd_pid=$(_broker_listener_pid "$epmd_port")
         [[ -n $epmd_pid ]] && break
         sleep 0.05
     done
     if [[ -z $epmd_pid ]]; then
-        # the launcher pid is epmd itself unless setsid had to fork
-        _broker_alive "$epmd_launch" && kill -TERM "$epmd_launch" 2>/dev/null
+        local p
+        for p in $(_broker_descendants "$epmd_launch") "$epmd_launch"; do
+            _broker_alive "$p" && kill -TERM "$p" 2>/dev/null || true
+        done
         _broker_log "epmd did not come up on port $epmd_port"
         _broker_tail_logs "$dir"
         return 1
@@ -272,6 +277,7 @@ EOF
         exec setsid -w "$BROKER_RABBIT_SERVER"
     ) </dev/null >>"$dir/log/console.log" 2>&1 &
     local launch_pid=$!
+    disown "$launch_pid" 2>/dev/null || true
     echo "$launch_pid" >"$dir/run/LAUNCH_PID"
 
     local timeout=${BROKER_START_TIMEOUT:-60}
@@ -318,6 +324,7 @@ EOF
 
 # _broker_wait_gone TIMEOUT PID... -> 0 when all PIDs are gone
 _broker_wait_gone() {
+    local IFS=$' \t\n'
     local timeout=$1
     shift
     local deadline=$((SECONDS + timeout)) p any
@@ -333,13 +340,14 @@ _broker_wait_gone() {
 }
 
 broker_stop() {
+    local IFS=$' \t\n'
     local dir=${1:-}
     [[ -n $dir && -d $dir/run ]] || return 0
     local beam_pid="" launch_pid="" sid="" epmd_pid="" epmd_port="" port=""
     beam_pid=$(cat -- "$dir/run/BEAM_PID" 2>/dev/null || true)
     if [[ -z $beam_pid ]]; then
         # stopped before broker_start recorded it (e.g. interrupted start)
-        beam_pid=$(tr -dc '0-9' <"$dir/run/rabbit.pid" 2>/dev/null || true)
+        [[ -f $dir/run/rabbit.pid ]] && beam_pid=$(tr -dc '0-9' <"$dir/run/rabbit.pid" 2>/dev/null || true)
     fi
     launch_pid=$(cat -- "$dir/run/LAUNCH_PID" 2>/dev/null || true)
     sid=$(cat -- "$dir/run/SID" 2>/dev/null || true)
@@ -358,31 +366,41 @@ broker_stop() {
     fi
 
     if _broker_alive "$beam_pid" || _broker_alive "$launch_pid" || _broker_group_alive "$sid"; then
-        local desc p
-        desc=$(_broker_descendants "$beam_pid")
+        local desc targets p
+        # Everything below the launcher and the VM, collected before
+        # signalling (erl_child_setup / inet_gethost setsid() themselves, so
+        # the session kill below does not reach them).
+        desc=$({ _broker_descendants "$launch_pid"; _broker_descendants "$beam_pid"; } | sort -un)
+        if _broker_alive "$beam_pid"; then
+            targets="$beam_pid $launch_pid"
+        else
+            # VM pid not known yet (interrupted start): TERM the launcher
+            # chain; the rabbitmq-server script forwards TERM to the VM.
+            targets="$launch_pid $desc"
+        fi
         # Graceful: RabbitMQ shuts down cleanly on SIGTERM.
-        _broker_alive "$beam_pid" && kill -TERM "$beam_pid" 2>/dev/null
-        _broker_alive "$launch_pid" && kill -TERM "$launch_pid" 2>/dev/null
-        if ! _broker_wait_gone "$timeout" "$beam_pid" "$launch_pid"; then
+        for p in $targets; do
+            _broker_alive "$p" && kill -TERM "$p" 2>/dev/null || true
+        done
+        # shellcheck disable=SC2086
+        if ! _broker_wait_gone "$timeout" $targets; then
             how="KILL"
-            _broker_alive "$beam_pid" && kill -KILL "$beam_pid" 2>/dev/null
-            _broker_alive "$launch_pid" && kill -KILL "$launch_pid" 2>/dev/null
+            for p in $targets; do
+                _broker_alive "$p" && kill -KILL "$p" 2>/dev/null || true
+            done
         fi
-        # Leftover helpers (erl_child_setup, inet_gethost, ...) in its session.
+        # Leftovers in the broker's session.
         if _broker_group_alive "$sid"; then
-            kill -TERM -- "-$sid" 2>/dev/null
+            kill -TERM -- "-$sid" 2>/dev/null || true
             sleep 0.3
-            _broker_group_alive "$sid" && kill -KILL -- "-$sid" 2>/dev/null
+            _broker_group_alive "$sid" && kill -KILL -- "-$sid" 2>/dev/null || true
         fi
-        _broker_wait_gone 5 "$beam_pid" "$launch_pid" || true
-        # Helpers in their own sessions normally exit with the VM.
-        if [[ -n $desc ]]; then
-            # shellcheck disable=SC2086
-            if ! _broker_wait_gone 3 $desc; then
-                for p in $desc; do
-                    _broker_alive "$p" && kill -KILL "$p" 2>/dev/null
-                done
-            fi
+        # Helpers normally exit together with the VM.
+        # shellcheck disable=SC2086
+        if [[ -n $desc ]] && ! _broker_wait_gone 3 $desc; then
+            for p in $desc; do
+                _broker_alive "$p" && kill -KILL "$p" 2>/dev/null || true
+            done
         fi
         stopped+=("rabbit pid ${beam_pid:-?} ($how)")
     fi
@@ -390,8 +408,8 @@ broker_stop() {
     if _broker_alive "$epmd_pid"; then
         # only if it is still the epmd we started (pid reuse guard)
         if [[ $(cat "/proc/$epmd_pid/comm" 2>/dev/null || true) == epmd ]]; then
-            kill -TERM "$epmd_pid" 2>/dev/null
-            _broker_wait_gone 5 "$epmd_pid" || kill -KILL "$epmd_pid" 2>/dev/null
+            kill -TERM "$epmd_pid" 2>/dev/null || true
+            _broker_wait_gone 5 "$epmd_pid" || kill -KILL "$epmd_pid" 2>/dev/null || true
             stopped+=("epmd pid $epmd_pid")
         fi
     fi

@@ -130,7 +130,8 @@ pub enum EndReason {
 }
 
 impl EndReason {
-    fn is_failure(&self) -> bool {
+    /// The peer misbehaved (as opposed to going away or restarting).
+    pub fn is_failure(&self) -> bool {
         matches!(self, EndReason::Violation { .. })
             || matches!(self, EndReason::PeerGoAway { code, .. } if *code != Code::NoError && *code != Code::GoingAway)
     }
@@ -196,6 +197,54 @@ pub enum Event<'a> {
         drain: Duration,
         text: String,
     },
+}
+
+impl<'a> Event<'a> {
+    /// Every event but DATA owns its contents: this splits DATA off so the
+    /// rest can outlive the borrow of the session.
+    pub fn into_owned(self) -> Result<Event<'static>, (StreamId, &'a [u8])> {
+        Ok(match self {
+            Event::Data { stream, bytes } => return Err((stream, bytes)),
+            Event::Established(i) => Event::Established(i),
+            Event::Ended(r) => Event::Ended(r),
+            Event::Rejected {
+                by_peer,
+                code,
+                text,
+            } => Event::Rejected {
+                by_peer,
+                code,
+                text,
+            },
+            Event::Opened { stream, service } => Event::Opened { stream, service },
+            Event::Accepted { stream } => Event::Accepted { stream },
+            Event::Refused {
+                stream,
+                code,
+                text,
+                by_peer,
+            } => Event::Refused {
+                stream,
+                code,
+                text,
+                by_peer,
+            },
+            Event::Finished { stream } => Event::Finished { stream },
+            Event::Reset {
+                stream,
+                code,
+                text,
+                by_peer,
+            } => Event::Reset {
+                stream,
+                code,
+                text,
+                by_peer,
+            },
+            Event::Credit { stream } => Event::Credit { stream },
+            Event::GoingAway { code, drain, text } => Event::GoingAway { code, drain, text },
+        })
+    }
 }
 
 /// Why [`Session::open`] could not open a stream.
@@ -359,6 +408,12 @@ impl Session {
             }
             _ => false,
         }
+    }
+
+    /// Whether DATA may be queued now (the transmit buffer is below its
+    /// high-water mark). When false, write to the channel first.
+    pub fn can_send_data(&self) -> bool {
+        self.tx.len() < self.cfg.tx_high_water
     }
 
     /// Live streams of the current session.

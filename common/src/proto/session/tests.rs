@@ -14,46 +14,9 @@ enum Ev {
 }
 
 fn own(ev: Event<'_>) -> Ev {
-    match ev {
-        Event::Data { stream, bytes } => Ev::Data(stream, bytes.to_vec()),
-        Event::Established(i) => Ev::Other(Event::Established(i)),
-        Event::Ended(r) => Ev::Other(Event::Ended(r)),
-        Event::Rejected {
-            by_peer,
-            code,
-            text,
-        } => Ev::Other(Event::Rejected {
-            by_peer,
-            code,
-            text,
-        }),
-        Event::Opened { stream, service } => Ev::Other(Event::Opened { stream, service }),
-        Event::Accepted { stream } => Ev::Other(Event::Accepted { stream }),
-        Event::Refused {
-            stream,
-            code,
-            text,
-            by_peer,
-        } => Ev::Other(Event::Refused {
-            stream,
-            code,
-            text,
-            by_peer,
-        }),
-        Event::Finished { stream } => Ev::Other(Event::Finished { stream }),
-        Event::Reset {
-            stream,
-            code,
-            text,
-            by_peer,
-        } => Ev::Other(Event::Reset {
-            stream,
-            code,
-            text,
-            by_peer,
-        }),
-        Event::Credit { stream } => Ev::Other(Event::Credit { stream }),
-        Event::GoingAway { code, drain, text } => Ev::Other(Event::GoingAway { code, drain, text }),
+    match ev.into_owned() {
+        Ok(ev) => Ev::Other(ev),
+        Err((stream, bytes)) => Ev::Data(stream, bytes.to_vec()),
     }
 }
 

@@ -1,0 +1,410 @@
+//! The channel: the one byte pipe a session runs over.
+//!
+//! Three kinds, one behaviour towards the [`Session`]:
+//! - **unix socket, connecting** (host side to QEMU's chardev socket; guest
+//!   side in development): connect, retry with backoff while the socket is
+//!   missing or refuses, and on end-of-file or error close, end the session
+//!   and connect again;
+//! - **virtio-serial device** (guest side): opened once and never closed
+//!   (closing discards input and stops QEMU reading the host socket). A read
+//!   of 0 bytes means "no host connected right now", not end of stream; the
+//!   session restarts its handshake and the HELLO waits until the host is back.
+//!   Edge-triggered polling fires on every host connect, disconnect, arrival
+//!   and drain, so this never spins; a 1 s timer covers a missed edge.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mio::net::UnixStream;
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+use super::sock::{interrupted, would_block};
+use crate::proto::Session;
+
+/// `O_NONBLOCK` on Linux for x86, ARM, RISC-V and s390 (std has no constant
+/// and no `set_nonblocking` for files; libc is not worth a dependency for it).
+const O_NONBLOCK: i32 = 0o4000;
+
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// How often an absent host is looked for without an edge.
+const DEVICE_POLL: Duration = Duration::from_secs(1);
+/// Bytes read from the channel per turn before other work gets a go.
+const READ_BUDGET: usize = 1 << 20;
+
+/// Where the channel is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChannelSpec {
+    /// Connect to a unix socket (QEMU's chardev, or a stand-in).
+    Unix(PathBuf),
+    /// Open a virtio-serial character device.
+    Device(PathBuf),
+    /// Find the virtio-serial port with this name.
+    Named(String),
+}
+
+impl std::fmt::Display for ChannelSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChannelSpec::Unix(p) => write!(f, "unix:{}", p.display()),
+            ChannelSpec::Device(p) => write!(f, "{}", p.display()),
+            ChannelSpec::Named(n) => write!(f, "port {n}"),
+        }
+    }
+}
+
+/// The device node of the virtio-serial port named `name`: the udev symlink
+/// `/dev/virtio-ports/NAME` if present, else the `vportNpM` whose sysfs `name`
+/// attribute matches.
+pub fn resolve_port_name(name: &str, sys: &Path, dev: &Path) -> io::Result<PathBuf> {
+    let link = dev.join("virtio-ports").join(name);
+    if link.exists() {
+        return Ok(link);
+    }
+    for entry in fs::read_dir(sys)? {
+        let entry = entry?;
+        let Ok(found) = fs::read_to_string(entry.path().join("name")) else {
+            continue;
+        };
+        if found.trim_end() == name {
+            return Ok(dev.join(entry.file_name()));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "no virtio-serial port named {name:?} under {}",
+            sys.display()
+        ),
+    ))
+}
+
+#[derive(Debug)]
+enum Io {
+    Unix(UnixStream),
+    Device(File),
+}
+
+/// A change the owner should log.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LinkNews {
+    Connected,
+    Lost(String),
+    /// A connect or open attempt failed; retrying after the given delay.
+    Failed {
+        error: String,
+        retry_in: Duration,
+    },
+    HostAbsent,
+}
+
+#[derive(Debug)]
+pub struct Link {
+    spec: ChannelSpec,
+    token: Token,
+    io: Option<Io>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// Device only: whether a host is believed connected.
+    host_present: bool,
+    readable: bool,
+    writable: bool,
+}
+
+impl Link {
+    /// A link that will connect at the first [`Link::handle_timeout`].
+    pub fn new(spec: ChannelSpec, token: Token, now: Instant) -> Link {
+        Link {
+            spec,
+            token,
+            io: None,
+            retry_at: Some(now),
+            backoff: RETRY_FIRST,
+            host_present: false,
+            readable: false,
+            writable: false,
+        }
+    }
+
+    pub fn spec(&self) -> &ChannelSpec {
+        &self.spec
+    }
+
+    pub fn token(&self) -> Token {
+        self.token
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.io.is_some()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// Whether buffered readiness means there is reading left to do.
+    pub fn may_read(&self) -> bool {
+        self.io.is_some() && self.readable
+    }
+
+    pub fn ready(&mut self, readable: bool, writable: bool) {
+        self.readable |= readable;
+        self.writable |= writable;
+    }
+
+    /// Connects or re-polls when due.
+    pub fn handle_timeout(
+        &mut self,
+        now: Instant,
+        registry: &Registry,
+        session: &mut Session,
+    ) -> Option<LinkNews> {
+        if self.retry_at.is_none_or(|t| now < t) {
+            return None;
+        }
+        self.retry_at = None;
+        if self.io.is_some() {
+            // Device with no host: look again without waiting for an edge.
+            self.readable = true;
+            self.writable = true;
+            self.retry_at = Some(now + DEVICE_POLL);
+            return None;
+        }
+        match self.open(registry) {
+            Ok(io) => {
+                self.io = Some(io);
+                self.readable = true;
+                self.writable = true;
+                self.backoff = RETRY_FIRST;
+                session.link_up(now);
+                if matches!(self.io, Some(Io::Device(_))) {
+                    self.retry_at = Some(now + DEVICE_POLL);
+                }
+                Some(LinkNews::Connected)
+            }
+            Err(e) => {
+                let retry_in = self.backoff;
+                self.retry_at = Some(now + retry_in);
+                self.backoff = (self.backoff * 2).min(RETRY_MAX);
+                Some(LinkNews::Failed {
+                    error: e.to_string(),
+                    retry_in,
+                })
+            }
+        }
+    }
+
+    fn open(&self, registry: &Registry) -> io::Result<Io> {
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        match &self.spec {
+            ChannelSpec::Unix(path) => {
+                let mut s = UnixStream::connect(path)?;
+                // A unix connect completes at once or fails; make sure it did.
+                if let Some(e) = s.take_error()? {
+                    return Err(e);
+                }
+                registry.register(&mut s, self.token, interest)?;
+                Ok(Io::Unix(s))
+            }
+            ChannelSpec::Device(path) => self.open_device(path, registry),
+            ChannelSpec::Named(name) => {
+                let path = resolve_port_name(
+                    name,
+                    Path::new("/sys/class/virtio-ports"),
+                    Path::new("/dev"),
+                )?;
+                self.open_device(&path, registry)
+            }
+        }
+    }
+
+    fn open_device(&self, path: &Path, registry: &Registry) -> io::Result<Io> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(O_NONBLOCK)
+            .open(path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(16) {
+                    io::Error::new(
+                        e.kind(),
+                        format!("{}: port busy (is another bridge running?)", path.display()),
+                    )
+                } else {
+                    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+                }
+            })?;
+        let fd = file.as_raw_fd();
+        registry.register(
+            &mut SourceFd(&fd),
+            self.token,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        Ok(Io::Device(file))
+    }
+
+    /// Reads what the channel has into the session, within a budget.
+    pub fn read(
+        &mut self,
+        now: Instant,
+        registry: &Registry,
+        session: &mut Session,
+    ) -> Option<LinkNews> {
+        let mut total = 0;
+        while self.readable && total < READ_BUDGET {
+            let space = session.recv_space();
+            if space.is_empty() {
+                return None; // the session is backed up; the flag stays set
+            }
+            let Some(io) = self.io.as_mut() else {
+                return None;
+            };
+            let r = match io {
+                Io::Unix(s) => s.read(space),
+                Io::Device(f) => f.read(space),
+            };
+            match r {
+                Ok(0) => return self.gone(now, registry, session, "end of file".into()),
+                Ok(n) => {
+                    session.recv_commit(n);
+                    total += n;
+                    if let Some(news) = self.host_seen() {
+                        return Some(news);
+                    }
+                }
+                Err(e) if would_block(&e) => self.readable = false,
+                Err(e) if interrupted(&e) => {}
+                Err(e) => return self.gone(now, registry, session, e.to_string()),
+            }
+        }
+        None
+    }
+
+    /// Writes what the session has to send.
+    pub fn write(
+        &mut self,
+        now: Instant,
+        registry: &Registry,
+        session: &mut Session,
+    ) -> Option<LinkNews> {
+        while self.writable {
+            let out = session.poll_transmit();
+            if out.is_empty() {
+                return None;
+            }
+            let Some(io) = self.io.as_mut() else {
+                return None;
+            };
+            let r = match io {
+                Io::Unix(s) => s.write(out),
+                Io::Device(f) => f.write(out),
+            };
+            match r {
+                Ok(n) => {
+                    session.advance_transmit(n);
+                    if let Some(news) = self.host_seen() {
+                        return Some(news);
+                    }
+                }
+                Err(e) if would_block(&e) => self.writable = false,
+                Err(e) if interrupted(&e) => {}
+                Err(e) => return self.gone(now, registry, session, e.to_string()),
+            }
+        }
+        None
+    }
+
+    fn host_seen(&mut self) -> Option<LinkNews> {
+        if matches!(self.io, Some(Io::Device(_))) && !self.host_present {
+            self.host_present = true;
+            return Some(LinkNews::Connected);
+        }
+        None
+    }
+
+    /// End of file or an error on the channel.
+    fn gone(
+        &mut self,
+        now: Instant,
+        registry: &Registry,
+        session: &mut Session,
+        why: String,
+    ) -> Option<LinkNews> {
+        self.readable = false;
+        match self.io.take() {
+            Some(Io::Device(f)) => {
+                // No host right now. Keep the device open; start a fresh
+                // handshake whose HELLO waits for the next host.
+                self.io = Some(Io::Device(f));
+                self.writable = false;
+                let was_present = std::mem::replace(&mut self.host_present, false);
+                if was_present {
+                    session.link_down(now);
+                    session.link_up(now);
+                }
+                self.retry_at = Some(now + DEVICE_POLL);
+                was_present.then_some(LinkNews::HostAbsent)
+            }
+            Some(Io::Unix(mut s)) => {
+                let _ = registry.deregister(&mut s);
+                self.writable = false;
+                session.link_down(now);
+                self.retry_at = Some(now + self.backoff);
+                Some(LinkNews::Lost(why))
+            }
+            None => None,
+        }
+    }
+
+    /// Closes the channel for good (shutdown).
+    pub fn close(&mut self, registry: &Registry) {
+        match self.io.take() {
+            Some(Io::Unix(mut s)) => {
+                let _ = registry.deregister(&mut s);
+            }
+            Some(Io::Device(f)) => {
+                let fd = f.as_raw_fd();
+                let _ = registry.deregister(&mut SourceFd(&fd));
+            }
+            None => {}
+        }
+        self.retry_at = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_names_through_sysfs() {
+        let dir = std::env::temp_dir().join(format!("vios-link-test-{}", std::process::id()));
+        let sys = dir.join("sys");
+        let dev = dir.join("dev");
+        fs::create_dir_all(sys.join("vport0p1")).unwrap();
+        fs::create_dir_all(sys.join("vport0p2")).unwrap();
+        fs::create_dir_all(&dev).unwrap();
+        fs::write(sys.join("vport0p1/name"), "org.qemu.guest_agent.0\n").unwrap();
+        fs::write(sys.join("vport0p2/name"), "org.qpid.vios.0\n").unwrap();
+        assert_eq!(
+            resolve_port_name("org.qpid.vios.0", &sys, &dev).unwrap(),
+            dev.join("vport0p2")
+        );
+        let err = resolve_port_name("nope", &sys, &dev).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("no virtio-serial port named \"nope\""));
+        fs::create_dir_all(dev.join("virtio-ports")).unwrap();
+        fs::write(dev.join("virtio-ports/org.qpid.vios.0"), "").unwrap();
+        assert_eq!(
+            resolve_port_name("org.qpid.vios.0", &sys, &dev).unwrap(),
+            dev.join("virtio-ports/org.qpid.vios.0")
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

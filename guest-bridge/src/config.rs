@@ -1,0 +1,257 @@
+//! The command line and environment of `vios-guest-bridge`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use vios_common::cli::{parse_duration, parse_size_in};
+use vios_common::io::link::ChannelSpec;
+use vios_common::proto::frame::check_service_name;
+use vios_common::proto::Limits;
+
+const ABOUT: &str = "Guest side of the Vios bridge: accepts local clients (TCP on loopback, \
+unix sockets) and carries all of them over one virtio-serial port to vios-host-bridge.";
+
+const LONG_ABOUT: &str = "Guest side of the Vios bridge.
+
+Unmodified clients connect to a local listener as if the service ran in the guest; \
+each connection becomes a stream, multiplexed with all others over one virtio-serial \
+port, and comes out on the host as an ordinary connection to the service the \
+listener names. The guest needs no network interface.
+
+When no host is connected the bridge waits, without spinning, and negotiates again \
+when the host comes back. Clients that connect while there is no session wait up to \
+--session-wait, then are reset. Every failure reaches the client as a reset (TCP RST), \
+never as a clean close of a truncated stream.";
+
+const AFTER_HELP: &str = "Channel forms:
+  org.qpid.vios.0          a virtio-serial port name (found under /sys/class/virtio-ports)
+  /dev/vport0p1            a device path (also /dev/virtio-ports/NAME)
+  unix:/run/vios/g1.sock   a unix socket to connect to (development and tests)
+
+Examples:
+  vios-guest-bridge
+  vios-guest-bridge --channel org.qpid.vios.0 --listen 127.0.0.1:5672=amqp \\
+      --listen unix:/run/vios/amqp.sock=amqp
+
+Logging: RUST_LOG=info (default), debug or warn.
+Signals: SIGTERM or SIGINT sends GOAWAY, waits --shutdown-grace, resets the rest, exits 0.";
+
+#[derive(Parser, Debug)]
+#[command(name = "vios-guest-bridge", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// The virtio-serial port: a port name, a device path, or unix:PATH.
+    #[arg(short, long, value_name = "CHANNEL", env = "VIOS_CHANNEL", default_value = "org.qpid.vios.0",
+          value_parser = parse_channel)]
+    pub channel: ChannelSpec,
+
+    /// A local listener and the service its clients reach: HOST:PORT=SERVICE or
+    /// unix:PATH=SERVICE. Repeatable; in the environment separate with ';'.
+    #[arg(short, long = "listen", value_name = "ADDR=SERVICE", env = "VIOS_LISTEN",
+          value_delimiter = ';', default_value = "127.0.0.1:5672=amqp", value_parser = parse_listen)]
+    pub listen: Vec<ListenSpec>,
+
+    /// Allow TCP listeners on addresses other than loopback.
+    #[arg(long, env = "VIOS_ALLOW_REMOTE")]
+    pub allow_remote: bool,
+
+    /// How long a client accepted while there is no session waits for one
+    /// before it is reset.
+    #[arg(long, value_name = "DURATION", env = "VIOS_SESSION_WAIT", default_value = "5s", value_parser = parse_duration)]
+    pub session_wait: Duration,
+
+    /// Clients that may wait for a session at once; more are reset at once.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "VIOS_MAX_WAITING",
+        default_value_t = 1024
+    )]
+    pub max_waiting: usize,
+
+    /// Credit each stream starts with: bytes the host may send before the
+    /// client has read them.
+    #[arg(long, value_name = "BYTES", env = "VIOS_WINDOW", default_value = "256K", value_parser = parse_window)]
+    pub window: u32,
+
+    /// Largest frame payload accepted from the host.
+    #[arg(long, value_name = "BYTES", env = "VIOS_MAX_FRAME", default_value = "64K", value_parser = parse_frame)]
+    pub max_frame: u32,
+
+    /// End a session when nothing arrived from the host for this long (1s..1h).
+    #[arg(long, value_name = "DURATION", env = "VIOS_IDLE_TIMEOUT", default_value = "15s", value_parser = parse_idle)]
+    pub idle_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long streams may go on before they are reset.
+    #[arg(long, value_name = "DURATION", env = "VIOS_SHUTDOWN_GRACE", default_value = "2s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenSpec {
+    pub addr: ListenAddr,
+    pub service: String,
+}
+
+fn parse_channel(s: &str) -> Result<ChannelSpec, String> {
+    let s = s.trim();
+    if let Some(path) = s.strip_prefix("unix:") {
+        if !path.starts_with('/') {
+            return Err(format!("expected unix:/ABSOLUTE/PATH, got {s:?}"));
+        }
+        return Ok(ChannelSpec::Unix(path.into()));
+    }
+    if s.starts_with('/') {
+        return Ok(ChannelSpec::Device(s.into()));
+    }
+    check_service_name(s.as_bytes()).map_err(|_| {
+        format!("expected a port name (like org.qpid.vios.0), a /dev path or unix:PATH, got {s:?}")
+    })?;
+    Ok(ChannelSpec::Named(s.to_owned()))
+}
+
+fn parse_listen(s: &str) -> Result<ListenSpec, String> {
+    let s = s.trim();
+    let (addr, service) = s.rsplit_once('=').ok_or_else(|| {
+        format!("expected HOST:PORT=SERVICE or unix:PATH=SERVICE, got {s:?} (no '=')")
+    })?;
+    check_service_name(service.as_bytes()).map_err(|_| {
+        format!("service name {service:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -")
+    })?;
+    let addr = if let Some(path) = addr.strip_prefix("unix:") {
+        if !path.starts_with('/') {
+            return Err(format!("expected unix:/ABSOLUTE/PATH, got {addr:?}"));
+        }
+        ListenAddr::Unix(path.into())
+    } else {
+        ListenAddr::Tcp(addr.parse().map_err(|_| {
+            format!("expected an IP address and port such as 127.0.0.1:5672 or [::1]:5672, got {addr:?}")
+        })?)
+    };
+    Ok(ListenSpec {
+        addr,
+        service: service.to_owned(),
+    })
+}
+
+fn parse_window(s: &str) -> Result<u32, String> {
+    parse_size_in(s, 1024, u64::from(Limits::MAX_WINDOW))
+}
+
+fn parse_frame(s: &str) -> Result<u32, String> {
+    parse_size_in(
+        s,
+        u64::from(Limits::MIN_FRAME_PAYLOAD),
+        u64::from(Limits::MAX_FRAME_PAYLOAD),
+    )
+}
+
+fn parse_idle(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    let ms = d.as_millis();
+    if ms < u128::from(Limits::MIN_IDLE_TIMEOUT_MS) || ms > u128::from(Limits::MAX_IDLE_TIMEOUT_MS)
+    {
+        return Err(format!("{ms} ms is outside the allowed range 1s..1h"));
+    }
+    Ok(d)
+}
+
+impl Cli {
+    /// Checks what clap cannot: loopback-only TCP unless allowed, no duplicates.
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, l) in self.listen.iter().enumerate() {
+            if let ListenAddr::Tcp(a) = &l.addr {
+                if !a.ip().is_loopback() && !self.allow_remote {
+                    return Err(format!(
+                        "refusing to listen on {a}: not a loopback address (add --allow-remote if you mean it)"
+                    ));
+                }
+            }
+            if self.listen[..i].iter().any(|o| o.addr == l.addr) {
+                return Err(format!("listener {} is given twice", l.addr));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        let cli =
+            Cli::try_parse_from(std::iter::once("vios-guest-bridge").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())?;
+        cli.validate()?;
+        Ok(cli)
+    }
+
+    #[test]
+    fn defaults() {
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.channel, ChannelSpec::Named("org.qpid.vios.0".into()));
+        assert_eq!(
+            cli.listen,
+            vec![ListenSpec {
+                addr: ListenAddr::Tcp("127.0.0.1:5672".parse().unwrap()),
+                service: "amqp".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn channel_forms() {
+        let c = |s| parse(&["--channel", s]).map(|c| c.channel);
+        assert_eq!(c("unix:/tmp/x"), Ok(ChannelSpec::Unix("/tmp/x".into())));
+        assert_eq!(
+            c("/dev/vport0p1"),
+            Ok(ChannelSpec::Device("/dev/vport0p1".into()))
+        );
+        assert!(c("unix:rel").unwrap_err().contains("ABSOLUTE"));
+        assert!(c("bad name").unwrap_err().contains("port name"));
+    }
+
+    #[test]
+    fn listeners() {
+        let cli = parse(&[
+            "--listen",
+            "127.0.0.1:5673=amqp",
+            "--listen",
+            "unix:/run/x.sock=amqp",
+            "-l",
+            "[::1]:1=other",
+        ])
+        .unwrap();
+        assert_eq!(cli.listen.len(), 3);
+        assert_eq!(cli.listen[1].addr, ListenAddr::Unix("/run/x.sock".into()));
+        let e = parse(&["--listen", "0.0.0.0:5672=amqp"]).unwrap_err();
+        assert!(
+            e.contains("not a loopback") && e.contains("--allow-remote"),
+            "{e}"
+        );
+        assert!(parse(&["--listen", "0.0.0.0:5672=amqp", "--allow-remote"]).is_ok());
+        let e = parse(&["--listen", "localhost:5672=amqp"]).unwrap_err();
+        assert!(e.contains("localhost:5672"), "{e}");
+        let e = parse(&["--listen", "127.0.0.1:5672"]).unwrap_err();
+        assert!(e.contains("no '='"), "{e}");
+        let e = parse(&["-l", "127.0.0.1:1=a", "-l", "127.0.0.1:1=b"]).unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+    }
+}

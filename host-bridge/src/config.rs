@@ -1,0 +1,257 @@
+//! The command line and environment of `vios-host-bridge`.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use vios_common::cli::{parse_duration, parse_size_in, split_named};
+use vios_common::proto::Limits;
+
+const ABOUT: &str = "Host side of the Vios bridge: serves guests' virtio-serial channels \
+and splices every stream a guest opens into a host service such as an AMQP broker.";
+
+const LONG_ABOUT: &str = "Host side of the Vios bridge.
+
+For each guest it connects to the unix sockets QEMU listens on for that guest's \
+virtio-serial ports (chardev socket,server=on), negotiates a Vios session with the \
+vios-guest-bridge inside the guest, and for every stream the guest opens connects \
+to the service the stream names. A guest names services, never addresses: it can \
+reach only what --service maps. Channels that are missing or drop are retried with \
+backoff; a guest that reboots or restarts its bridge is noticed and served again.";
+
+const AFTER_HELP: &str = "Examples:
+  vios-host-bridge --guest vm1=/run/vios/vm1/org.qpid.vios.0 --service amqp=127.0.0.1:5672
+  VIOS_GUESTS='vm1=/run/vios/vm1/a.sock,/run/vios/vm1/b.sock;vm2=/run/vios/vm2/a.sock' \\
+  VIOS_SERVICES='amqp=127.0.0.1:5672' vios-host-bridge
+
+Logging: RUST_LOG=info (default), debug or warn. One line per stream at open and
+close (guest, service, bytes each way, duration, reason).
+Signals: SIGTERM or SIGINT sends GOAWAY, waits --shutdown-grace for streams to
+finish, resets the rest, and exits 0.";
+
+#[derive(Parser, Debug)]
+#[command(name = "vios-host-bridge", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// A guest and its channel sockets (QEMU's virtio-serial chardev sockets).
+    /// Repeatable; in the environment, separate guests with ';'.
+    #[arg(short, long = "guest", value_name = "NAME=SOCKET[,SOCKET...]", env = "VIOS_GUESTS",
+          value_delimiter = ';', value_parser = parse_guest)]
+    pub guests: Vec<GuestSpec>,
+
+    /// A service guests may open, and the address it maps to. Repeatable; in
+    /// the environment, separate services with ';'.
+    #[arg(short, long = "service", value_name = "NAME=HOST:PORT", env = "VIOS_SERVICES",
+          value_delimiter = ';', value_parser = parse_service, required = true)]
+    pub services: Vec<ServiceSpec>,
+
+    /// Streams one guest may have open at once (over all its channels).
+    #[arg(long, value_name = "N", env = "VIOS_MAX_STREAMS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams: u32,
+
+    /// Credit each stream starts with: bytes a guest may send before the
+    /// service has taken them.
+    #[arg(long, value_name = "BYTES", env = "VIOS_WINDOW", default_value = "256K", value_parser = parse_window)]
+    pub window: u32,
+
+    /// Largest frame payload accepted from a guest.
+    #[arg(long, value_name = "BYTES", env = "VIOS_MAX_FRAME", default_value = "64K", value_parser = parse_frame)]
+    pub max_frame: u32,
+
+    /// End a session when nothing arrived from the guest for this long
+    /// (1s..1h); PINGs go out after a third of it.
+    #[arg(long, value_name = "DURATION", env = "VIOS_IDLE_TIMEOUT", default_value = "15s", value_parser = parse_idle)]
+    pub idle_timeout: Duration,
+
+    /// Give up connecting to a service after this long and refuse the stream.
+    #[arg(long, value_name = "DURATION", env = "VIOS_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long streams may go on before they are reset.
+    #[arg(long, value_name = "DURATION", env = "VIOS_SHUTDOWN_GRACE", default_value = "2s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestSpec {
+    pub name: String,
+    pub sockets: Vec<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+fn parse_guest(s: &str) -> Result<GuestSpec, String> {
+    let (name, list) = split_named(s.trim(), "guest", "NAME=SOCKET[,SOCKET...]")?;
+    let sockets: Vec<PathBuf> = list.split(',').map(|p| PathBuf::from(p.trim())).collect();
+    if let Some(bad) = sockets
+        .iter()
+        .find(|p| p.as_os_str().is_empty() || p.is_relative())
+    {
+        return Err(format!(
+            "socket path {bad:?} of guest {name} must be absolute"
+        ));
+    }
+    Ok(GuestSpec {
+        name: name.to_owned(),
+        sockets,
+    })
+}
+
+fn parse_service(s: &str) -> Result<ServiceSpec, String> {
+    let (name, addr) = split_named(s.trim(), "service", "NAME=HOST:PORT")?;
+    let addr = addr
+        .to_socket_addrs()
+        .map_err(|e| {
+            format!("cannot resolve {addr:?} of service {name} (expected HOST:PORT): {e}")
+        })?
+        .next()
+        .ok_or_else(|| format!("{addr:?} of service {name} resolves to no address"))?;
+    Ok(ServiceSpec {
+        name: name.to_owned(),
+        addr,
+    })
+}
+
+fn parse_window(s: &str) -> Result<u32, String> {
+    parse_size_in(s, 1024, u64::from(Limits::MAX_WINDOW))
+}
+
+fn parse_frame(s: &str) -> Result<u32, String> {
+    parse_size_in(
+        s,
+        u64::from(Limits::MIN_FRAME_PAYLOAD),
+        u64::from(Limits::MAX_FRAME_PAYLOAD),
+    )
+}
+
+fn parse_idle(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    let ms = d.as_millis();
+    if ms < u128::from(Limits::MIN_IDLE_TIMEOUT_MS) || ms > u128::from(Limits::MAX_IDLE_TIMEOUT_MS)
+    {
+        return Err(format!("{ms} ms is outside the allowed range 1s..1h"));
+    }
+    Ok(d)
+}
+
+impl Cli {
+    /// Checks what clap cannot: at least one guest, no name or socket twice.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.guests.is_empty() {
+            return Err(
+                "no guests to serve: give --guest NAME=SOCKET[,SOCKET...] or set VIOS_GUESTS"
+                    .into(),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut sockets = HashSet::new();
+        for g in &self.guests {
+            if !names.insert(&g.name) {
+                return Err(format!("guest {} is given twice", g.name));
+            }
+            for s in &g.sockets {
+                if !sockets.insert(s) {
+                    return Err(format!(
+                        "socket {} is given twice (one host process per channel)",
+                        s.display()
+                    ));
+                }
+            }
+        }
+        let mut services = HashSet::new();
+        for s in &self.services {
+            if !services.insert(&s.name) {
+                return Err(format!("service {} is given twice", s.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        let cli =
+            Cli::try_parse_from(std::iter::once("vios-host-bridge").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())?;
+        cli.validate()?;
+        Ok(cli)
+    }
+
+    #[test]
+    fn parses_guests_and_services() {
+        let cli = parse(&[
+            "--guest",
+            "vm1=/run/a,/run/b",
+            "-g",
+            "vm2=/run/c",
+            "--service",
+            "amqp=127.0.0.1:5672",
+        ])
+        .unwrap();
+        assert_eq!(cli.guests.len(), 2);
+        assert_eq!(
+            cli.guests[0].sockets,
+            vec![PathBuf::from("/run/a"), PathBuf::from("/run/b")]
+        );
+        assert_eq!(cli.services[0].addr, "127.0.0.1:5672".parse().unwrap());
+        assert_eq!(cli.window, 256 * 1024);
+        assert_eq!(cli.idle_timeout, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn errors_name_the_bad_value() {
+        let e = parse(&["--guest", "vm1", "--service", "amqp=127.0.0.1:5672"]).unwrap_err();
+        assert!(e.contains("vm1") && e.contains("NAME=SOCKET"), "{e}");
+        let e = parse(&[
+            "--guest",
+            "vm1=relative/path",
+            "--service",
+            "amqp=127.0.0.1:5672",
+        ])
+        .unwrap_err();
+        assert!(e.contains("must be absolute"), "{e}");
+        let e = parse(&["--guest", "vm1=/a", "--service", "amqp=nohost"]).unwrap_err();
+        assert!(e.contains("nohost") && e.contains("HOST:PORT"), "{e}");
+        let e = parse(&[
+            "--guest",
+            "vm1=/a",
+            "--service",
+            "amqp=127.0.0.1:5672",
+            "--window",
+            "12X",
+        ])
+        .unwrap_err();
+        assert!(e.contains("12X"), "{e}");
+        let e = parse(&["--service", "amqp=127.0.0.1:5672"]).unwrap_err();
+        assert!(e.contains("no guests"), "{e}");
+        let e = parse(&[
+            "--guest",
+            "a=/s",
+            "--guest",
+            "b=/s",
+            "--service",
+            "amqp=127.0.0.1:1",
+        ])
+        .unwrap_err();
+        assert!(e.contains("given twice"), "{e}");
+        let e = parse(&[
+            "--guest",
+            "a=/s",
+            "--service",
+            "amqp=127.0.0.1:1",
+            "--idle-timeout",
+            "10ms",
+        ])
+        .unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+    }
+}
