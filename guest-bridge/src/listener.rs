@@ -59,8 +59,15 @@ impl Listener {
         }
     }
 
-    /// One accepted client and a printable peer address.
+    /// One accepted client and a printable peer address. The socket aborts on
+    /// close from the start (see `Sock::abort_on_close`).
     pub fn accept(&self) -> io::Result<(Sock, String)> {
+        let (sock, peer) = self.accept_raw()?;
+        sock.abort_on_close();
+        Ok((sock, peer))
+    }
+
+    fn accept_raw(&self) -> io::Result<(Sock, String)> {
         match &self.sock {
             Sock0::Tcp(l) => {
                 let (s, peer) = l.accept()?;

@@ -69,6 +69,7 @@ impl Conn {
         phase: Phase,
         now: Instant,
     ) -> Conn {
+        sock.abort_on_close();
         Conn {
             stream,
             service,

@@ -391,11 +391,6 @@ impl Mux {
             return;
         }
         let conn = self.conns.get_mut(key).expect("live key");
-        if conn.peer_fin && !conn.write_shut && conn.pending_len() == 0 {
-            // Bytes went straight through and FIN had come first: shut now.
-            let w = conn.flush();
-            return self.after_write(key, stream, w, registry);
-        }
         if conn.is_done() {
             self.drop_conn(key, registry, "finished", true);
         }

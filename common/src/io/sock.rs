@@ -36,6 +36,15 @@ impl Sock {
         }
     }
 
+    /// Makes every close an abort until [`Sock::close`] says otherwise, so that
+    /// even the death of the process (the kernel closing the descriptor) shows
+    /// the far end a reset, never a clean end of a truncated stream.
+    pub fn abort_on_close(&self) {
+        if let Sock::Tcp(s) = self {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        }
+    }
+
     /// Closes so that the far end sees an abort, never a clean end of stream.
     ///
     /// TCP: `SO_LINGER` 0 makes close send RST. Unix sockets have no RST; the
@@ -48,9 +57,13 @@ impl Sock {
         }
     }
 
-    /// Closes after a clean end of both directions.
+    /// Closes after a clean end of both directions (undoing
+    /// [`Sock::abort_on_close`]).
     pub fn close(mut self, registry: &Registry) {
         let _ = self.deregister(registry);
+        if let Sock::Tcp(s) = &self {
+            let _ = socket2::SockRef::from(s).set_linger(None);
+        }
     }
 
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
