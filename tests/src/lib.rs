@@ -22,7 +22,10 @@ pub fn bin_dir() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test>-<hash>
-    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
 }
 
 /// Path of one of the workspace's binaries; panics with a hint if it is missing.
@@ -68,7 +71,11 @@ impl Drop for TempDir {
 
 /// A free loopback TCP port (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A child process with its standard error in a log file, stopped on drop.
@@ -86,10 +93,18 @@ impl Proc {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(file)
-            .env("RUST_LOG", std::env::var("VIOS_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("VIOS_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let mut p = Proc { name: name.into(), child: Some(child), log, stdin: None };
+        let mut p = Proc {
+            name: name.into(),
+            child: Some(child),
+            log,
+            stdin: None,
+        };
         p.stdin = p.child.as_mut().and_then(|c| c.stdin.take());
         p
     }
@@ -119,11 +134,18 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("{}: {needle:?} ×{count} not logged within {timeout:?}; log:\n{}", self.name, self.log_text());
+        panic!(
+            "{}: {needle:?} ×{count} not logged within {timeout:?}; log:\n{}",
+            self.name,
+            self.log_text()
+        );
     }
 
     pub fn signal(&self, sig: &str) {
-        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status();
     }
 
     /// SIGKILL and reap.
@@ -137,7 +159,10 @@ impl Proc {
     /// SIGTERM, then wait up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         let end = Instant::now() + timeout;
         while Instant::now() < end {
             if let Ok(Some(st)) = c.try_wait() {
@@ -162,7 +187,12 @@ impl Drop for Proc {
             let _ = self.terminate(Duration::from_secs(3));
         }
         if std::thread::panicking() {
-            eprintln!("---- {} log ({}) ----\n{}", self.name, self.log.display(), tail(&self.log_text(), 60));
+            eprintln!(
+                "---- {} log ({}) ----\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log_text(), 60)
+            );
         }
     }
 }
@@ -235,7 +265,10 @@ impl Rig {
         );
         wait_path(&dir.join("host.sock"), Duration::from_secs(5));
         let guest_port = free_port();
-        let mut host_args = vec!["--guest".into(), format!("vm1={}", dir.join("host.sock").display())];
+        let mut host_args = vec![
+            "--guest".into(),
+            format!("vm1={}", dir.join("host.sock").display()),
+        ];
         for s in &spec.services {
             host_args.push("--service".into());
             host_args.push(s.clone());
@@ -248,7 +281,15 @@ impl Rig {
             format!("127.0.0.1:{guest_port}={}", spec.listen_service),
         ];
         guest_args.extend(spec.guest_extra);
-        let mut rig = Rig { dir, standin, host: None, guest: None, guest_port, host_args, guest_args };
+        let mut rig = Rig {
+            dir,
+            standin,
+            host: None,
+            guest: None,
+            guest_port,
+            host_args,
+            guest_args,
+        };
         rig.start_host();
         rig.start_guest();
         rig.wait_session(1);
@@ -259,14 +300,22 @@ impl Rig {
         let n = self.host_starts();
         let mut cmd = Command::new(bin("vios-host-bridge"));
         cmd.args(&self.host_args);
-        self.host = Some(Proc::spawn("host-bridge", &mut cmd, self.dir.join(&format!("host{n}.log"))));
+        self.host = Some(Proc::spawn(
+            "host-bridge",
+            &mut cmd,
+            self.dir.join(&format!("host{n}.log")),
+        ));
     }
 
     pub fn start_guest(&mut self) {
         let n = self.guest_starts();
         let mut cmd = Command::new(bin("vios-guest-bridge"));
         cmd.args(&self.guest_args);
-        let guest = Proc::spawn("guest-bridge", &mut cmd, self.dir.join(&format!("guest{n}.log")));
+        let guest = Proc::spawn(
+            "guest-bridge",
+            &mut cmd,
+            self.dir.join(&format!("guest{n}.log")),
+        );
         // Not a probe connection: it would become a stream of its own.
         guest.wait_log("listening on", 1, Duration::from_secs(5));
         self.guest = Some(guest);
@@ -281,8 +330,15 @@ impl Rig {
     }
 
     fn count_logs(&self, prefix: &str) -> usize {
-        let names = fs::read_dir(self.dir.path()).unwrap().map(|e| e.unwrap().file_name());
-        names.filter(|n| n.to_string_lossy().starts_with(prefix) && n.to_string_lossy().ends_with(".log")).count() + 1
+        let names = fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name());
+        names
+            .filter(|n| {
+                n.to_string_lossy().starts_with(prefix) && n.to_string_lossy().ends_with(".log")
+            })
+            .count()
+            + 1
     }
 
     pub fn host(&self) -> &Proc {
@@ -295,8 +351,10 @@ impl Rig {
 
     /// Waits until both bridges have logged `n` established sessions.
     pub fn wait_session(&self, n: usize) {
-        self.host().wait_log("session established", n, Duration::from_secs(15));
-        self.guest().wait_log("session established", n, Duration::from_secs(15));
+        self.host()
+            .wait_log("session established", n, Duration::from_secs(15));
+        self.guest()
+            .wait_log("session established", n, Duration::from_secs(15));
     }
 
     pub fn guest_addr(&self) -> SocketAddr {
@@ -320,7 +378,11 @@ impl Rig {
 pub fn wait_path(p: &Path, timeout: Duration) {
     let end = Instant::now() + timeout;
     while !p.exists() {
-        assert!(Instant::now() < end, "{} did not appear within {timeout:?}", p.display());
+        assert!(
+            Instant::now() < end,
+            "{} did not appear within {timeout:?}",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -328,7 +390,10 @@ pub fn wait_path(p: &Path, timeout: Duration) {
 pub fn wait_port(port: u16, timeout: Duration) {
     let end = Instant::now() + timeout;
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < end, "port {port} did not open within {timeout:?}");
+        assert!(
+            Instant::now() < end,
+            "port {port} did not open within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -355,7 +420,9 @@ pub fn read_to_end(s: &mut impl Read, timeout: Duration, out: &mut Vec<u8>) -> E
         match s.read(&mut buf) {
             Ok(0) => return End::Eof,
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return End::Reset(e.to_string()),
         }
@@ -378,5 +445,9 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 
 /// Reads lines of a log for assertions.
 pub fn log_lines(text: &str, needle: &str) -> Vec<String> {
-    io::Cursor::new(text).lines().map_while(Result::ok).filter(|l| l.contains(needle)).collect()
+    io::Cursor::new(text)
+        .lines()
+        .map_while(Result::ok)
+        .filter(|l| l.contains(needle))
+        .collect()
 }

