@@ -413,3 +413,44 @@ fn sigterm_stops_both_cleanly() {
         "host bridge exit status"
     );
 }
+
+#[test]
+fn unix_socket_listener_carries_streams() {
+    let server = Server::start(Mode::Echo);
+    let mut spec = RigSpec::new("echo", server.addr);
+    let path = std::env::temp_dir().join(format!("vios-unix-listener-{}.sock", std::process::id()));
+    spec.guest_extra = vec!["--listen".into(), format!("unix:{}=echo", path.display())];
+    let rig = Rig::start(spec);
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+                let data = pattern(500_000, 300 + i);
+                let mut w = s.try_clone().unwrap();
+                let d2 = data.clone();
+                let writer = std::thread::spawn(move || {
+                    w.write_all(&d2).unwrap();
+                    w.shutdown(Shutdown::Write).unwrap();
+                });
+                s.set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                let mut out = Vec::new();
+                let end = read_to_end(&mut s, Duration::from_secs(20), &mut out);
+                writer.join().unwrap();
+                assert_eq!(end, End::Eof);
+                assert!(out == data, "unix stream {i} corrupted");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let opened = log_lines(&rig.guest().log_text(), "opened for client unix:");
+    assert_eq!(opened.len(), 4, "{opened:?}");
+    drop(rig);
+    assert!(
+        !path.exists(),
+        "the guest bridge removes its socket on exit"
+    );
+}

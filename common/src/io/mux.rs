@@ -385,9 +385,10 @@ impl Mux {
             self.session.consumed(stream, w.n);
         }
         if let Some(e) = w.error {
-            self.session
-                .reset(stream, Code::Aborted, &format!("write failed: {e}"));
-            self.drop_conn(key, registry, &format!("write failed: {e}"), false);
+            let peer = self.conns.get(key).map_or("", |c| c.peer.as_str());
+            let why = socket_failure("write", &e, peer);
+            self.session.reset(stream, Code::Aborted, &why);
+            self.drop_conn(key, registry, &why, false);
             return;
         }
         let conn = self.conns.get_mut(key).expect("live key");
@@ -443,9 +444,9 @@ impl Mux {
                 Err(e) if would_block(&e) => conn.readable = false,
                 Err(e) if interrupted(&e) => self.enqueue(key),
                 Err(e) => {
-                    self.session
-                        .reset(stream, Code::Aborted, &format!("read failed: {e}"));
-                    self.drop_conn(key, registry, &format!("read failed: {e}"), false);
+                    let why = socket_failure("read", &e, &conn.peer);
+                    self.session.reset(stream, Code::Aborted, &why);
+                    self.drop_conn(key, registry, &why, false);
                 }
             }
         }
@@ -512,5 +513,16 @@ impl Mux {
         self.dispatch(now, registry, &mut NoOpener);
         let _ = self.link.write(now, registry, &mut self.session);
         self.link.close(registry);
+    }
+}
+
+/// Why a socket failed, in words for the log and the RESET text.
+fn socket_failure(op: &str, e: &std::io::Error, peer: &str) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset => format!("{peer} reset the connection"),
+        std::io::ErrorKind::BrokenPipe => {
+            format!("{peer} closed the connection while data was due")
+        }
+        _ => format!("{op} failed: {e}"),
     }
 }
