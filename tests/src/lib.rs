@@ -254,16 +254,7 @@ impl Rig {
     /// Starts the stand-in and both bridges and waits for the session.
     pub fn start(spec: RigSpec) -> Rig {
         let dir = TempDir::new("rig");
-        let standin = Proc::spawn(
-            "standin",
-            Command::new(bin("vios-qemu-standin"))
-                .arg("--host")
-                .arg(dir.join("host.sock"))
-                .arg("--guest")
-                .arg(dir.join("guest.sock")),
-            dir.join("standin.log"),
-        );
-        wait_path(&dir.join("host.sock"), Duration::from_secs(5));
+        let standin = spawn_standin(&dir, 1);
         let guest_port = free_port();
         let mut host_args = vec![
             "--guest".into(),
@@ -294,6 +285,15 @@ impl Rig {
         rig.start_guest();
         rig.wait_session(1);
         rig
+    }
+
+    /// Kills the stand-in (QEMU dies) and, after `down`, starts a new one on
+    /// the same socket paths.
+    pub fn restart_standin(&mut self, down: Duration) {
+        self.standin.kill();
+        std::thread::sleep(down);
+        let n = self.count_logs("standin");
+        self.standin = spawn_standin(&self.dir, n);
     }
 
     pub fn start_host(&mut self) {
@@ -373,6 +373,21 @@ impl Rig {
         // The stand-in applies commands on its next loop turn.
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn spawn_standin(dir: &TempDir, n: usize) -> Proc {
+    let _ = fs::remove_file(dir.join("host.sock"));
+    let p = Proc::spawn(
+        "standin",
+        Command::new(bin("vios-qemu-standin"))
+            .arg("--host")
+            .arg(dir.join("host.sock"))
+            .arg("--guest")
+            .arg(dir.join("guest.sock")),
+        dir.join(&format!("standin{n}.log")),
+    );
+    wait_path(&dir.join("host.sock"), Duration::from_secs(5));
+    p
 }
 
 pub fn wait_path(p: &Path, timeout: Duration) {

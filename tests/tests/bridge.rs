@@ -326,6 +326,28 @@ fn guest_bridge_restart() {
 }
 
 #[test]
+fn qemu_restart_both_bridges_reconnect_by_themselves() {
+    let (server, mut rig) = echo_rig();
+    let clients = busy_streams(&rig, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    // QEMU dies; its socket is gone for 3 s (the host retries with backoff),
+    // then a new QEMU listens on the same path.
+    rig.restart_standin(Duration::from_secs(3));
+    assert_clients_reset(clients);
+    assert_server_resets(&server, 4);
+    rig.wait_session(2);
+    let host_log = rig.host().log_text();
+    assert!(
+        host_log.contains("retrying in"),
+        "host should report the missing socket:\n{host_log}"
+    );
+    let data = Arc::new(pattern(1 << 20, 96));
+    let (out, end, _) = echo_round(rig.connect(), data.clone(), Duration::from_secs(20));
+    assert_eq!(end, End::Eof);
+    assert!(out == *data);
+}
+
+#[test]
 fn small_writes_and_delays_on_the_channel_lose_nothing() {
     let (_server, mut rig) = echo_rig();
     rig.standin("split 7");

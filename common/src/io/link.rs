@@ -34,6 +34,8 @@ const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often an absent host is looked for without an edge.
 const DEVICE_POLL: Duration = Duration::from_secs(1);
+/// A failure repeated this long is reported loudly again.
+pub const REPORT_AGAIN: Duration = Duration::from_secs(60);
 /// Bytes read from the channel per turn before other work gets a go.
 const READ_BUDGET: usize = 1 << 20;
 
@@ -96,9 +98,12 @@ pub enum LinkNews {
     Connected,
     Lost(String),
     /// A connect or open attempt failed; retrying after the given delay.
+    /// `repeated` when it failed the same way last time and was reported
+    /// less than [`REPORT_AGAIN`] ago, so the owner can log it quietly.
     Failed {
         error: String,
         retry_in: Duration,
+        repeated: bool,
     },
     HostAbsent,
 }
@@ -112,6 +117,8 @@ pub struct Link {
     backoff: Duration,
     /// Device only: whether a host is believed connected.
     host_present: bool,
+    /// The last connect failure reported loudly, and when.
+    last_failure: Option<(String, Instant)>,
     readable: bool,
     writable: bool,
 }
@@ -126,6 +133,7 @@ impl Link {
             retry_at: Some(now),
             backoff: RETRY_FIRST,
             host_present: false,
+            last_failure: None,
             readable: false,
             writable: false,
         }
@@ -181,6 +189,7 @@ impl Link {
                 self.readable = true;
                 self.writable = true;
                 self.backoff = RETRY_FIRST;
+                self.last_failure = None;
                 session.link_up(now);
                 if matches!(self.io, Some(Io::Device(_))) {
                     self.retry_at = Some(now + DEVICE_POLL);
@@ -191,9 +200,17 @@ impl Link {
                 let retry_in = self.backoff;
                 self.retry_at = Some(now + retry_in);
                 self.backoff = (self.backoff * 2).min(RETRY_MAX);
+                let error = e.to_string();
+                let repeated = self.last_failure.as_ref().is_some_and(|(last, at)| {
+                    *last == error && now.duration_since(*at) < REPORT_AGAIN
+                });
+                if !repeated {
+                    self.last_failure = Some((error.clone(), now));
+                }
                 Some(LinkNews::Failed {
-                    error: e.to_string(),
+                    error,
                     retry_in,
+                    repeated,
                 })
             }
         }

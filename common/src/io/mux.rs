@@ -195,13 +195,22 @@ impl Mux {
             LinkNews::Connected => info!("{}channel {spec} connected", self.label),
             LinkNews::Lost(why) => warn!("{}channel {spec} lost: {why}", self.label),
             LinkNews::HostAbsent => warn!("{}channel {spec}: host disconnected", self.label),
-            LinkNews::Failed { error, retry_in } => {
-                // Once per backoff step, so a missing socket does not flood the log.
-                warn!(
-                    "{}channel {spec}: {error}; retrying in {} ms",
-                    self.label,
-                    retry_in.as_millis()
-                )
+            LinkNews::Failed {
+                error,
+                retry_in,
+                repeated,
+            } => {
+                // The same failure again: quietly, so a stopped VM does not
+                // flood the log; loudly once a minute.
+                let ms = retry_in.as_millis();
+                if repeated {
+                    debug!("{}channel {spec}: {error}; retrying in {ms} ms", self.label);
+                } else {
+                    warn!(
+                        "{}channel {spec}: {error}; retrying in {ms} ms (repeats logged at debug)",
+                        self.label
+                    );
+                }
             }
         }
     }
