@@ -41,9 +41,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn parse_size_in(s: &str, lo: u64, hi: u64) -> Result<u32, String> {
     let n = parse_size(s)?;
     if !(lo..=hi).contains(&n) {
-        return Err(format!(
-            "{n} bytes is outside the allowed range {lo}..={hi}"
-        ));
+        return Err(format!("{n} bytes is outside the allowed range {lo}..={hi}"));
     }
     Ok(n as u32)
 }
@@ -76,9 +74,7 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         for bad in ["", "s", "5x", "-1s", "1.5s", "99999999999999999999h"] {
             assert!(
-                parse_duration(bad)
-                    .unwrap_err()
-                    .contains("expected a duration"),
+                parse_duration(bad).unwrap_err().contains("expected a duration"),
                 "{bad}"
             );
         }
@@ -90,9 +86,7 @@ mod tests {
         assert_eq!(parse_size("64K"), Ok(65536));
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
         assert!(parse_size("1T").is_err());
-        assert!(parse_size_in("1", 1024, 2048)
-            .unwrap_err()
-            .contains("outside"));
+        assert!(parse_size_in("1", 1024, 2048).unwrap_err().contains("outside"));
         assert_eq!(parse_size_in("2K", 1024, 2048), Ok(2048));
     }
 

@@ -62,12 +62,7 @@ pub struct Cli {
     pub session_wait: Duration,
 
     /// Clients that may wait for a session at once; more are reset at once.
-    #[arg(
-        long,
-        value_name = "N",
-        env = "VIOS_MAX_WAITING",
-        default_value_t = 1024
-    )]
+    #[arg(long, value_name = "N", env = "VIOS_MAX_WAITING", default_value_t = 1024)]
     pub max_waiting: usize,
 
     /// Credit each stream starts with: bytes the host may send before the
@@ -128,12 +123,11 @@ fn parse_channel(s: &str) -> Result<ChannelSpec, String> {
 
 fn parse_listen(s: &str) -> Result<ListenSpec, String> {
     let s = s.trim();
-    let (addr, service) = s.rsplit_once('=').ok_or_else(|| {
-        format!("expected HOST:PORT=SERVICE or unix:PATH=SERVICE, got {s:?} (no '=')")
-    })?;
-    check_service_name(service.as_bytes()).map_err(|_| {
-        format!("service name {service:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -")
-    })?;
+    let (addr, service) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("expected HOST:PORT=SERVICE or unix:PATH=SERVICE, got {s:?} (no '=')"))?;
+    check_service_name(service.as_bytes())
+        .map_err(|_| format!("service name {service:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -"))?;
     let addr = if let Some(path) = addr.strip_prefix("unix:") {
         if !path.starts_with('/') {
             return Err(format!("expected unix:/ABSOLUTE/PATH, got {addr:?}"));
@@ -165,8 +159,7 @@ fn parse_frame(s: &str) -> Result<u32, String> {
 fn parse_idle(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     let ms = d.as_millis();
-    if ms < u128::from(Limits::MIN_IDLE_TIMEOUT_MS) || ms > u128::from(Limits::MAX_IDLE_TIMEOUT_MS)
-    {
+    if ms < u128::from(Limits::MIN_IDLE_TIMEOUT_MS) || ms > u128::from(Limits::MAX_IDLE_TIMEOUT_MS) {
         return Err(format!("{ms} ms is outside the allowed range 1s..1h"));
     }
     Ok(d)
@@ -196,9 +189,8 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Cli, String> {
-        let cli =
-            Cli::try_parse_from(std::iter::once("vios-guest-bridge").chain(args.iter().copied()))
-                .map_err(|e| e.to_string())?;
+        let cli = Cli::try_parse_from(std::iter::once("vios-guest-bridge").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
         cli.validate()?;
         Ok(cli)
     }

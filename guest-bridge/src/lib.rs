@@ -61,9 +61,8 @@ pub fn run(cli: Cli) -> io::Result<()> {
     let poll = Poll::new()?;
     let mut listeners = Vec::new();
     for (i, spec) in cli.listen.iter().enumerate() {
-        let mut l = Listener::bind(spec).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot listen on {}: {e}", spec.addr))
-        })?;
+        let mut l = Listener::bind(spec)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", spec.addr)))?;
         l.register(poll.registry(), Token(LISTENERS + i))?;
         info!("listening on {} for service {}", spec.addr, spec.service);
         listeners.push(l);

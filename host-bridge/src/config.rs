@@ -40,6 +40,39 @@ pub struct Cli {
           value_delimiter = ';', value_parser = parse_guest)]
     pub guests: Vec<GuestSpec>,
 
+    /// Serve every guest found under DIR: each subdirectory is a guest and its
+    /// sockets matching --channel-pattern are its channels (vios-proxy's
+    /// DIR/<guest>/<socket> layout; libvirt's <id>-<name> directories are
+    /// understood too). Rescanned every --rescan and on SIGHUP. Repeatable; in
+    /// the environment separate with ';'.
+    #[arg(
+        long = "guest-dir",
+        value_name = "DIR",
+        env = "VIOS_GUEST_DIRS",
+        value_delimiter = ';'
+    )]
+    pub guest_dirs: Vec<PathBuf>,
+
+    /// Also scan libvirt's channel directories (/run/libvirt/qemu/channel and
+    /// /var/lib/libvirt/qemu/channel/target).
+    #[arg(long, env = "VIOS_LIBVIRT")]
+    pub libvirt: bool,
+
+    /// Which socket names in a guest directory are Vios channels (`*` and `?`
+    /// wildcards). libvirt keeps other channels, such as the QEMU guest
+    /// agent's, in the same directory.
+    #[arg(
+        long,
+        value_name = "GLOB",
+        env = "VIOS_CHANNEL_PATTERN",
+        default_value = "org.qpid.vios.*"
+    )]
+    pub channel_pattern: String,
+
+    /// How often guest directories are rescanned.
+    #[arg(long, value_name = "DURATION", env = "VIOS_RESCAN", default_value = "5s", value_parser = parse_duration)]
+    pub rescan: Duration,
+
     /// A service guests may open, and the address it maps to. Repeatable; in
     /// the environment, separate services with ';'.
     #[arg(short, long = "service", value_name = "NAME=HOST:PORT", env = "VIOS_SERVICES",
@@ -93,9 +126,7 @@ fn parse_guest(s: &str) -> Result<GuestSpec, String> {
         .iter()
         .find(|p| p.as_os_str().is_empty() || p.is_relative())
     {
-        return Err(format!(
-            "socket path {bad:?} of guest {name} must be absolute"
-        ));
+        return Err(format!("socket path {bad:?} of guest {name} must be absolute"));
     }
     Ok(GuestSpec {
         name: name.to_owned(),
@@ -107,9 +138,7 @@ fn parse_service(s: &str) -> Result<ServiceSpec, String> {
     let (name, addr) = split_named(s.trim(), "service", "NAME=HOST:PORT")?;
     let addr = addr
         .to_socket_addrs()
-        .map_err(|e| {
-            format!("cannot resolve {addr:?} of service {name} (expected HOST:PORT): {e}")
-        })?
+        .map_err(|e| format!("cannot resolve {addr:?} of service {name} (expected HOST:PORT): {e}"))?
         .next()
         .ok_or_else(|| format!("{addr:?} of service {name} resolves to no address"))?;
     Ok(ServiceSpec {
@@ -133,8 +162,7 @@ fn parse_frame(s: &str) -> Result<u32, String> {
 fn parse_idle(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     let ms = d.as_millis();
-    if ms < u128::from(Limits::MIN_IDLE_TIMEOUT_MS) || ms > u128::from(Limits::MAX_IDLE_TIMEOUT_MS)
-    {
+    if ms < u128::from(Limits::MIN_IDLE_TIMEOUT_MS) || ms > u128::from(Limits::MAX_IDLE_TIMEOUT_MS) {
         return Err(format!("{ms} ms is outside the allowed range 1s..1h"));
     }
     Ok(d)
@@ -143,11 +171,20 @@ fn parse_idle(s: &str) -> Result<Duration, String> {
 impl Cli {
     /// Checks what clap cannot: at least one guest, no name or socket twice.
     pub fn validate(&self) -> Result<(), String> {
-        if self.guests.is_empty() {
+        if self.guests.is_empty() && self.guest_dirs.is_empty() && !self.libvirt {
             return Err(
-                "no guests to serve: give --guest NAME=SOCKET[,SOCKET...] or set VIOS_GUESTS"
+                "no guests to serve: give --guest NAME=SOCKET[,SOCKET...], --guest-dir DIR or --libvirt"
                     .into(),
             );
+        }
+        if let Some(d) = self.guest_dirs.iter().find(|d| d.is_relative()) {
+            return Err(format!("guest directory {} must be absolute", d.display()));
+        }
+        if self.rescan < Duration::from_millis(100) {
+            return Err(format!(
+                "--rescan {} ms is too short (at least 100ms)",
+                self.rescan.as_millis()
+            ));
         }
         let mut names = HashSet::new();
         let mut sockets = HashSet::new();
@@ -174,14 +211,24 @@ impl Cli {
     }
 }
 
+impl Cli {
+    /// The directories to scan for guests.
+    pub fn scan_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = self.guest_dirs.clone();
+        if self.libvirt {
+            dirs.extend(crate::discovery::LIBVIRT_DIRS.iter().map(PathBuf::from));
+        }
+        dirs
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Cli, String> {
-        let cli =
-            Cli::try_parse_from(std::iter::once("vios-host-bridge").chain(args.iter().copied()))
-                .map_err(|e| e.to_string())?;
+        let cli = Cli::try_parse_from(std::iter::once("vios-host-bridge").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
         cli.validate()?;
         Ok(cli)
     }
@@ -211,13 +258,7 @@ mod tests {
     fn errors_name_the_bad_value() {
         let e = parse(&["--guest", "vm1", "--service", "amqp=127.0.0.1:5672"]).unwrap_err();
         assert!(e.contains("vm1") && e.contains("NAME=SOCKET"), "{e}");
-        let e = parse(&[
-            "--guest",
-            "vm1=relative/path",
-            "--service",
-            "amqp=127.0.0.1:5672",
-        ])
-        .unwrap_err();
+        let e = parse(&["--guest", "vm1=relative/path", "--service", "amqp=127.0.0.1:5672"]).unwrap_err();
         assert!(e.contains("must be absolute"), "{e}");
         let e = parse(&["--guest", "vm1=/a", "--service", "amqp=nohost"]).unwrap_err();
         assert!(e.contains("nohost") && e.contains("HOST:PORT"), "{e}");
@@ -233,6 +274,9 @@ mod tests {
         assert!(e.contains("12X"), "{e}");
         let e = parse(&["--service", "amqp=127.0.0.1:5672"]).unwrap_err();
         assert!(e.contains("no guests"), "{e}");
+        assert!(parse(&["--service", "amqp=127.0.0.1:5672", "--guest-dir", "/run/vios"]).is_ok());
+        let e = parse(&["--service", "amqp=127.0.0.1:5672", "--guest-dir", "run/vios"]).unwrap_err();
+        assert!(e.contains("must be absolute"), "{e}");
         let e = parse(&[
             "--guest",
             "a=/s",

@@ -4,18 +4,24 @@
 //! # Layout
 //!
 //! - [`config`]: command line and environment.
+//! - [`discovery`]: finding guests in `--guest-dir` and libvirt directories.
 //! - [`worker`]: one thread per guest, a mio loop over that guest's channels
 //!   (one [`vios_common::io::mux::Mux`] each); opens service connections.
-//! - [`run`] (here): the supervisor. It starts the workers, turns SIGTERM and
-//!   SIGINT into an orderly stop, and restarts a worker that died.
+//! - [`run`] (here): the supervisor. It starts a worker per guest, rescans
+//!   guest directories (periodically and on SIGHUP) to start, update and stop
+//!   workers, turns SIGTERM and SIGINT into an orderly stop, and restarts a
+//!   worker that died.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod discovery;
 pub mod worker;
 
+use std::collections::BTreeMap;
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use mio::{Events, Interest, Poll, Token};
@@ -24,9 +30,24 @@ use signal_hook_mio::v1_0::Signals;
 use vios_common::proto::Limits;
 
 use config::Cli;
-use worker::{Settings, WorkerHandle};
+use worker::{Control, Settings, WorkerHandle};
 
 const SIGNALS: Token = Token(0);
+
+/// Where a guest comes from: the command line, or a directory on disk.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Origin {
+    Static(String),
+    Dir(PathBuf),
+}
+
+struct Supervisor {
+    cli: Cli,
+    settings: Arc<Settings>,
+    workers: BTreeMap<Origin, WorkerHandle>,
+    /// Workers told to stop (their guest disappeared), joined once done.
+    stopping: Vec<WorkerHandle>,
+}
 
 /// Runs until SIGTERM or SIGINT; returns after every guest has stopped.
 pub fn run(cli: Cli) -> io::Result<()> {
@@ -44,66 +65,150 @@ pub fn run(cli: Cli) -> io::Result<()> {
     for s in &settings.services {
         info!("service {} -> {}", s.name, s.addr);
     }
+    for d in cli.scan_dirs() {
+        info!(
+            "watching {} for guests (channels matching {:?})",
+            d.display(),
+            cli.channel_pattern
+        );
+    }
     let mut poll = Poll::new()?;
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     poll.registry()
         .register(&mut signals, SIGNALS, Interest::READABLE)?;
 
-    let mut workers = Vec::new();
-    for g in &cli.guests {
-        workers.push(worker::spawn(g.clone(), settings.clone())?);
+    let mut sup = Supervisor {
+        cli,
+        settings,
+        workers: BTreeMap::new(),
+        stopping: Vec::new(),
+    };
+    for g in sup.cli.guests.clone() {
+        sup.start(Origin::Static(g.name.clone()), &g.name, g.sockets)?;
     }
+    sup.rescan();
+    let mut next_scan = Instant::now() + sup.cli.rescan;
     let mut events = Events::with_capacity(8);
     loop {
-        match poll.poll(&mut events, Some(Duration::from_secs(1))) {
+        let timeout = next_scan
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        match poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
         for signal in signals.pending() {
-            match signal {
-                SIGHUP => {
-                    info!("SIGHUP: the guest list comes from the command line; nothing to reload")
-                }
-                _ => {
-                    info!("signal {signal}: stopping");
-                    return stop_all(workers);
-                }
+            if signal == SIGHUP {
+                info!("SIGHUP: rescanning guest directories");
+                sup.rescan();
+                next_scan = Instant::now() + sup.cli.rescan;
+            } else {
+                info!("signal {signal}: stopping");
+                sup.stop_all();
+                return Ok(());
             }
         }
-        restart_dead(&mut workers, &cli, &settings);
+        if Instant::now() >= next_scan {
+            sup.rescan();
+            next_scan = Instant::now() + sup.cli.rescan;
+        }
+        sup.reap();
     }
 }
 
-fn stop_all(workers: Vec<WorkerHandle>) -> io::Result<()> {
-    for w in &workers {
-        w.request_stop();
+impl Supervisor {
+    fn start(&mut self, origin: Origin, name: &str, sockets: Vec<PathBuf>) -> io::Result<()> {
+        let w = worker::spawn(name, sockets, self.settings.clone())?;
+        self.workers.insert(origin, w);
+        Ok(())
     }
-    for w in workers {
-        if w.thread.join().is_err() {
-            error!("guest {}: worker panicked while stopping", w.guest);
-        }
-    }
-    info!("stopped");
-    Ok(())
-}
 
-/// A worker thread that ended without being asked had a bug; serve its guest again.
-fn restart_dead(workers: &mut [WorkerHandle], cli: &Cli, settings: &Arc<Settings>) {
-    for w in workers.iter_mut() {
-        if !w.thread.is_finished() {
-            continue;
+    /// Brings the workers for guest directories in line with what is on disk.
+    fn rescan(&mut self) {
+        let dirs = self.cli.scan_dirs();
+        if dirs.is_empty() {
+            return;
         }
-        let Some(spec) = cli.guests.iter().find(|g| g.name == w.guest) else {
-            continue;
-        };
-        error!("guest {}: worker thread died; restarting it", w.guest);
-        match worker::spawn(spec.clone(), settings.clone()) {
-            Ok(new) => {
-                let old = std::mem::replace(w, new);
-                let _ = old.thread.join();
+        let found = discovery::scan(&dirs, &self.cli.channel_pattern);
+        for (dir, f) in &found {
+            let origin = Origin::Dir(dir.clone());
+            match self.workers.get_mut(&origin) {
+                Some(w) if w.sockets != f.sockets => {
+                    info!("guest {}: channels now {:?}", f.name, f.sockets);
+                    w.sockets = f.sockets.clone();
+                    w.send(Control::Channels(f.sockets.clone()));
+                }
+                Some(_) => {}
+                None => {
+                    info!(
+                        "guest {} found in {} ({} channel(s))",
+                        f.name,
+                        dir.display(),
+                        f.sockets.len()
+                    );
+                    if let Err(e) = self.start(origin, &f.name, f.sockets.clone()) {
+                        warn!("guest {}: cannot start a worker: {e}", f.name);
+                    }
+                }
             }
-            Err(e) => warn!("guest {}: cannot restart worker: {e}", w.guest),
         }
+        let gone: Vec<Origin> = self
+            .workers
+            .keys()
+            .filter(|o| matches!(o, Origin::Dir(d) if !found.contains_key(d)))
+            .cloned()
+            .collect();
+        for origin in gone {
+            let w = self.workers.remove(&origin).expect("listed");
+            info!(
+                "guest {} is gone: resetting its streams and freeing its channels",
+                w.guest
+            );
+            w.send(Control::Stop {
+                grace: Duration::ZERO,
+            });
+            self.stopping.push(w);
+        }
+    }
+
+    /// Joins stopped workers; restarts any that died without being asked.
+    fn reap(&mut self) {
+        let (done, still): (Vec<_>, Vec<_>) = self.stopping.drain(..).partition(|w| w.thread.is_finished());
+        self.stopping = still;
+        for w in done {
+            let _ = w.thread.join();
+        }
+        let dead: Vec<Origin> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.thread.is_finished())
+            .map(|(o, _)| o.clone())
+            .collect();
+        for origin in dead {
+            let w = self.workers.remove(&origin).expect("listed");
+            let (name, sockets) = (w.guest.clone(), w.sockets.clone());
+            if w.thread.join().is_err() {
+                error!("guest {name}: worker thread panicked; restarting it");
+            } else {
+                error!("guest {name}: worker thread ended unasked; restarting it");
+            }
+            if let Err(e) = self.start(origin, &name, sockets) {
+                warn!("guest {name}: cannot restart worker: {e}");
+            }
+        }
+    }
+
+    fn stop_all(self) {
+        let grace = self.settings.shutdown_grace;
+        for w in self.workers.values() {
+            w.send(Control::Stop { grace });
+        }
+        for w in self.workers.into_values().chain(self.stopping) {
+            if w.thread.join().is_err() {
+                error!("guest {}: worker panicked while stopping", w.guest);
+            }
+        }
+        info!("stopped");
     }
 }

@@ -2,10 +2,13 @@
 //!
 //! Each guest runs on its own thread so that one guest's load or flood is
 //! scheduled by the kernel against the others, and a bug that kills one
-//! guest's thread leaves the rest served (the supervisor restarts it).
+//! guest's thread leaves the rest served (the supervisor restarts it). The
+//! supervisor steers a worker with [`Control`] messages: a new set of channel
+//! sockets (found by a rescan), or stop.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,9 +21,9 @@ use vios_common::io::random_seed;
 use vios_common::io::sock::Sock;
 use vios_common::proto::{Code, Config as SessionConfig, Limits, Role, Session, StreamId};
 
-use crate::config::{GuestSpec, ServiceSpec};
+use crate::config::ServiceSpec;
 
-/// Tokens of channel `i` start at `i << CHANNEL_SHIFT`.
+/// Tokens of channel slot `i` start at `i << CHANNEL_SHIFT`.
 const CHANNEL_SHIFT: u32 = 32;
 const WAKER: Token = Token(usize::MAX);
 
@@ -33,92 +36,116 @@ pub struct Settings {
     pub shutdown_grace: Duration,
 }
 
+/// What the supervisor tells a worker.
+#[derive(Debug)]
+pub enum Control {
+    /// Serve exactly these channel sockets: new ones are connected, channels
+    /// no longer listed have their streams reset and are closed.
+    Channels(Vec<PathBuf>),
+    /// GOAWAY on every channel, then reset what remains after `grace`.
+    Stop { grace: Duration },
+}
+
 /// The handle the supervisor keeps.
 pub struct WorkerHandle {
     pub guest: String,
-    pub stop: Arc<AtomicBool>,
-    pub waker: Arc<Waker>,
+    pub sockets: Vec<PathBuf>,
+    tx: Sender<Control>,
+    waker: Arc<Waker>,
     pub thread: std::thread::JoinHandle<()>,
 }
 
 impl WorkerHandle {
-    pub fn request_stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+    pub fn send(&self, c: Control) {
+        let _ = self.tx.send(c);
         let _ = self.waker.wake();
     }
 }
 
-pub fn spawn(guest: GuestSpec, settings: Arc<Settings>) -> io::Result<WorkerHandle> {
+/// Starts a thread serving guest `name` on `sockets`.
+pub fn spawn(name: &str, sockets: Vec<PathBuf>, settings: Arc<Settings>) -> io::Result<WorkerHandle> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-    let stop = Arc::new(AtomicBool::new(false));
-    let name = guest.name.clone();
-    let thread = {
-        let stop = stop.clone();
-        std::thread::Builder::new()
-            .name(format!("guest-{name}"))
-            .spawn(move || Worker::new(guest, settings, poll).run(&stop))?
+    let (tx, rx) = mpsc::channel();
+    let mut worker = Worker {
+        guest: name.to_owned(),
+        settings,
+        poll,
+        slots: Vec::new(),
+        control: rx,
     };
+    worker.set_channels(&sockets, Instant::now());
+    let thread = std::thread::Builder::new()
+        .name(format!("guest-{name}"))
+        .spawn(move || worker.run())?;
     Ok(WorkerHandle {
-        guest: name,
-        stop,
+        guest: name.to_owned(),
+        sockets,
+        tx,
         waker,
         thread,
     })
 }
 
 struct Worker {
-    guest: GuestSpec,
+    guest: String,
     settings: Arc<Settings>,
     poll: Poll,
-    muxes: Vec<Mux>,
+    /// One mux per channel; a slot's index fixes its tokens, so removed
+    /// channels leave a hole for the next one.
+    slots: Vec<Option<Mux>>,
+    control: Receiver<Control>,
+}
+
+fn socket_path(mux: &Mux) -> Option<&Path> {
+    match mux.link.spec() {
+        ChannelSpec::Unix(p) => Some(p),
+        _ => None,
+    }
 }
 
 impl Worker {
-    fn new(guest: GuestSpec, settings: Arc<Settings>, poll: Poll) -> Worker {
-        let now = Instant::now();
-        let muxes = guest
-            .sockets
-            .iter()
-            .enumerate()
-            .map(|(i, path)| {
-                let mut cfg = SessionConfig::new(
-                    Role::Host,
-                    format!("vios-host-bridge {}", env!("CARGO_PKG_VERSION")),
-                );
-                cfg.limits = settings.limits;
-                let link = Link::new(
-                    ChannelSpec::Unix(path.clone()),
-                    Token(i << CHANNEL_SHIFT),
-                    now,
-                );
-                let label = if guest.sockets.len() == 1 {
-                    format!("guest {}: ", guest.name)
-                } else {
-                    format!("guest {} channel {i}: ", guest.name)
-                };
-                Mux::new(
-                    Session::new(cfg, random_seed()),
-                    link,
-                    label,
-                    settings.connect_timeout,
-                )
-            })
-            .collect();
-        Worker {
-            guest,
-            settings,
-            poll,
-            muxes,
+    fn muxes(&mut self) -> impl Iterator<Item = &mut Mux> {
+        self.slots.iter_mut().flatten()
+    }
+
+    fn set_channels(&mut self, sockets: &[PathBuf], now: Instant) {
+        for slot in &mut self.slots {
+            let gone = slot
+                .as_ref()
+                .and_then(socket_path)
+                .is_some_and(|p| !sockets.iter().any(|s| s == p));
+            if gone {
+                let mut mux = slot.take().expect("checked");
+                info!("{}channel removed", mux.label());
+                mux.finish_shutdown(now, self.poll.registry());
+            }
+        }
+        for path in sockets {
+            let known = self.slots.iter().flatten().any(|m| socket_path(m) == Some(path));
+            if known {
+                continue;
+            }
+            let i = self.slots.iter().position(Option::is_none).unwrap_or_else(|| {
+                self.slots.push(None);
+                self.slots.len() - 1
+            });
+            let version = env!("CARGO_PKG_VERSION");
+            let mut cfg = SessionConfig::new(Role::Host, format!("vios-host-bridge {version}"));
+            cfg.limits = self.settings.limits;
+            let link = Link::new(ChannelSpec::Unix(path.clone()), Token(i << CHANNEL_SHIFT), now);
+            let port = path
+                .file_name()
+                .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+            let label = format!("guest {} {port}: ", self.guest);
+            let session = Session::new(cfg, random_seed());
+            self.slots[i] = Some(Mux::new(session, link, label, self.settings.connect_timeout));
         }
     }
 
-    fn run(mut self, stop: &AtomicBool) {
-        info!(
-            "guest {}: serving {} channel(s)",
-            self.guest.name,
-            self.muxes.len()
-        );
+    fn run(mut self) {
+        let n = self.muxes().count();
+        info!("guest {}: serving {n} channel(s)", self.guest);
         let mut events = Events::with_capacity(1024);
         let mut more_work = true;
         let mut stopping: Option<Instant> = None;
@@ -132,51 +159,53 @@ impl Worker {
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    warn!("guest {}: poll failed: {e}", self.guest.name);
+                    warn!("guest {}: poll failed: {e}", self.guest);
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 continue;
             }
             let now = Instant::now();
-            let registry = self.poll.registry();
             for ev in events.iter() {
                 if ev.token() == WAKER {
                     continue;
                 }
                 let i = ev.token().0 >> CHANNEL_SHIFT;
-                if let Some(mux) = self.muxes.get_mut(i) {
+                if let Some(Some(mux)) = self.slots.get_mut(i) {
                     let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
                     let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                    mux.ready(ev.token(), readable, writable, registry);
+                    mux.ready(ev.token(), readable, writable, self.poll.registry());
                 }
             }
-            if stopping.is_none() && stop.load(Ordering::SeqCst) {
-                info!(
-                    "guest {}: stopping (grace {} ms)",
-                    self.guest.name,
-                    self.settings.shutdown_grace.as_millis()
-                );
-                for mux in &mut self.muxes {
-                    mux.shutdown(self.settings.shutdown_grace, now);
+            while let Ok(c) = self.control.try_recv() {
+                match c {
+                    Control::Channels(sockets) => self.set_channels(&sockets, now),
+                    Control::Stop { grace } if stopping.is_none() => {
+                        info!("guest {}: stopping (grace {} ms)", self.guest, grace.as_millis());
+                        for mux in self.muxes() {
+                            mux.shutdown(grace, now);
+                        }
+                        stopping = Some(now + grace);
+                    }
+                    Control::Stop { .. } => {}
                 }
-                stopping = Some(now + self.settings.shutdown_grace);
             }
             more_work = false;
-            let streams = self.muxes.iter().map(|m| m.session.stream_count()).sum();
+            let streams = self.muxes().map(|m| m.session.stream_count()).sum();
             let mut opener = ServiceOpener {
-                guest: &self.guest.name,
+                guest: &self.guest,
                 settings: &self.settings,
                 streams,
             };
-            for mux in &mut self.muxes {
+            for mux in self.slots.iter_mut().flatten() {
                 more_work |= mux.process(now, self.poll.registry(), &mut opener);
             }
             if let Some(deadline) = stopping {
-                if now >= deadline || self.muxes.iter().all(Mux::is_shut_down) {
-                    for mux in &mut self.muxes {
-                        mux.finish_shutdown(now, self.poll.registry());
+                if now >= deadline || self.slots.iter().flatten().all(Mux::is_shut_down) {
+                    let registry = self.poll.registry();
+                    for mux in self.slots.iter_mut().flatten() {
+                        mux.finish_shutdown(now, registry);
                     }
-                    info!("guest {}: stopped", self.guest.name);
+                    info!("guest {}: stopped", self.guest);
                     return;
                 }
             }
@@ -184,8 +213,9 @@ impl Worker {
     }
 
     fn next_deadline(&self, stopping: Option<Instant>) -> Option<Instant> {
-        self.muxes
+        self.slots
             .iter()
+            .flatten()
             .filter_map(Mux::poll_timeout)
             .chain(stopping)
             .min()

@@ -159,10 +159,7 @@ impl Proc {
     /// SIGTERM, then wait up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
         let end = Instant::now() + timeout;
         while Instant::now() < end {
             if let Ok(Some(st)) = c.try_wait() {
@@ -311,11 +308,7 @@ impl Rig {
         let n = self.guest_starts();
         let mut cmd = Command::new(bin("vios-guest-bridge"));
         cmd.args(&self.guest_args);
-        let guest = Proc::spawn(
-            "guest-bridge",
-            &mut cmd,
-            self.dir.join(&format!("guest{n}.log")),
-        );
+        let guest = Proc::spawn("guest-bridge", &mut cmd, self.dir.join(&format!("guest{n}.log")));
         // Not a probe connection: it would become a stream of its own.
         guest.wait_log("listening on", 1, Duration::from_secs(5));
         self.guest = Some(guest);
@@ -334,9 +327,7 @@ impl Rig {
             .unwrap()
             .map(|e| e.unwrap().file_name());
         names
-            .filter(|n| {
-                n.to_string_lossy().starts_with(prefix) && n.to_string_lossy().ends_with(".log")
-            })
+            .filter(|n| n.to_string_lossy().starts_with(prefix) && n.to_string_lossy().ends_with(".log"))
             .count()
             + 1
     }
@@ -376,17 +367,27 @@ impl Rig {
 }
 
 fn spawn_standin(dir: &TempDir, n: usize) -> Proc {
-    let _ = fs::remove_file(dir.join("host.sock"));
+    standin_at(
+        &dir.join("host.sock"),
+        &dir.join("guest.sock"),
+        dir.join(&format!("standin{n}.log")),
+    )
+}
+
+/// Starts a QEMU stand-in with its host-side socket at `host` and its
+/// guest-side socket at `guest`; returns once the host socket exists.
+pub fn standin_at(host: &Path, guest: &Path, log: PathBuf) -> Proc {
+    let _ = fs::remove_file(host);
     let p = Proc::spawn(
         "standin",
         Command::new(bin("vios-qemu-standin"))
             .arg("--host")
-            .arg(dir.join("host.sock"))
+            .arg(host)
             .arg("--guest")
-            .arg(dir.join("guest.sock")),
-        dir.join(&format!("standin{n}.log")),
+            .arg(guest),
+        log,
     );
-    wait_path(&dir.join("host.sock"), Duration::from_secs(5));
+    wait_path(host, Duration::from_secs(5));
     p
 }
 
@@ -435,9 +436,7 @@ pub fn read_to_end(s: &mut impl Read, timeout: Duration, out: &mut Vec<u8>) -> E
         match s.read(&mut buf) {
             Ok(0) => return End::Eof,
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return End::Reset(e.to_string()),
         }

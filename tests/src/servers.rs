@@ -57,11 +57,7 @@ impl Server {
                 }
             });
         }
-        Server {
-            addr,
-            outcomes,
-            stop,
-        }
+        Server { addr, outcomes, stop }
     }
 
     /// Waits until `n` connections have ended; returns their outcomes.

@@ -35,9 +35,7 @@ fn broker_port() -> Option<u16> {
 }
 
 fn client(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("amqp")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("amqp").join(name)
 }
 
 /// One load run; returns messages per second. Panics unless every message
@@ -107,16 +105,12 @@ fn run_client(script: &str, label: &str) {
     // close handshake the broker's reset reaches the client as a reset.)
     let host_log = rig.host().log_text();
     let opened = host_log.matches("connected to 127.0.0.1").count();
-    assert!(
-        opened >= CONNECTIONS,
-        "only {opened} streams reached the broker"
-    );
+    assert!(opened >= CONNECTIONS, "only {opened} streams reached the broker");
     assert!(
         !host_log.contains("session ended"),
         "the session must survive the load:\n{host_log}"
     );
-    rig.host()
-        .wait_log("closed:", opened, Duration::from_secs(10));
+    rig.host().wait_log("closed:", opened, Duration::from_secs(10));
 }
 
 #[test]

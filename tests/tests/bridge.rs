@@ -13,8 +13,7 @@ use vios_tests::{log_lines, pattern, read_to_end, End, Rig, RigSpec};
 /// returns the echoed bytes, how the read side ended, and the elapsed time.
 fn echo_round(mut s: TcpStream, data: Arc<Vec<u8>>, timeout: Duration) -> (Vec<u8>, End, Duration) {
     let start = Instant::now();
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let mut w = s.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
         let r = w.write_all(&data);
@@ -85,9 +84,7 @@ fn a_stalled_reader_does_not_hold_up_the_others() {
     let mut stalled = rig.connect();
     let big = pattern(64 << 20, 7);
     let stall_writer = std::thread::spawn(move || {
-        stalled
-            .set_write_timeout(Some(Duration::from_secs(3)))
-            .unwrap();
+        stalled.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
         let _ = stalled.write_all(&big);
         stalled
     });
@@ -106,11 +103,7 @@ fn a_stalled_reader_does_not_hold_up_the_others() {
             })
         })
         .collect();
-    let slowest = handles
-        .into_iter()
-        .map(|h| h.join().unwrap())
-        .max()
-        .unwrap();
+    let slowest = handles.into_iter().map(|h| h.join().unwrap()).max().unwrap();
     eprintln!(
         "16 × 2 MiB echoes beside a stalled stream: slowest {slowest:?}, all {:?}",
         t.elapsed()
@@ -121,9 +114,7 @@ fn a_stalled_reader_does_not_hold_up_the_others() {
     );
     // The stalled stream is still alive: it drains completely once read.
     let mut stalled = stall_writer.join().unwrap();
-    stalled
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    stalled.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut first = [0u8; 4096];
     stalled
         .read_exact(&mut first)
@@ -165,8 +156,7 @@ fn server_reset_reaches_the_client_as_a_reset() {
     let server = Server::start(Mode::ResetAfter(50_000));
     let rig = Rig::start(RigSpec::new("svc", server.addr));
     let mut s = rig.connect();
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let _ = s.write_all(&pattern(60_000, 2));
     let mut out = Vec::new();
     let end = read_to_end(&mut s, Duration::from_secs(10), &mut out);
@@ -181,8 +171,7 @@ fn unknown_service_is_refused_at_once_with_a_reason() {
     let rig = Rig::start(spec);
     let t = Instant::now();
     let mut s = rig.connect();
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let _ = s.write_all(b"AMQP\x00\x00\x09\x01");
     let mut out = Vec::new();
     let end = read_to_end(&mut s, Duration::from_secs(5), &mut out);
@@ -192,11 +181,8 @@ fn unknown_service_is_refused_at_once_with_a_reason() {
         "refusal took {:?}",
         t.elapsed()
     );
-    rig.guest().wait_log(
-        "refused by host: UNKNOWN_SERVICE",
-        1,
-        Duration::from_secs(2),
-    );
+    rig.guest()
+        .wait_log("refused by host: UNKNOWN_SERVICE", 1, Duration::from_secs(2));
     rig.host().wait_log(
         "UNKNOWN_SERVICE: no service named \"nosuch\"",
         1,
@@ -215,8 +201,7 @@ fn service_down_is_refused_at_once_with_a_reason() {
     let rig = Rig::start(RigSpec::new("amqp", ([127, 0, 0, 1], port).into()));
     let t = Instant::now();
     let mut s = rig.connect();
-    s.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let mut out = Vec::new();
     let end = read_to_end(&mut s, Duration::from_secs(5), &mut out);
     assert!(matches!(end, End::Reset(_)), "client saw {end:?}");
@@ -244,8 +229,7 @@ fn busy_streams(rig: &Rig, n: usize) -> Vec<TcpStream> {
 /// Every client sees a reset, never a clean end, however much it received.
 fn assert_clients_reset(clients: Vec<TcpStream>) {
     for (i, mut s) in clients.into_iter().enumerate() {
-        s.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         let mut out = Vec::new();
         let end = read_to_end(&mut s, Duration::from_secs(30), &mut out);
         assert!(
@@ -260,10 +244,7 @@ fn assert_server_resets(server: &Server, n: usize) {
     let outcomes = server.wait_outcomes(n, Duration::from_secs(30));
     assert_eq!(outcomes.len(), n, "{outcomes:?}");
     for o in &outcomes {
-        assert!(
-            o.starts_with("Reset"),
-            "server side ended cleanly: {outcomes:?}"
-        );
+        assert!(o.starts_with("Reset"), "server side ended cleanly: {outcomes:?}");
     }
 }
 
@@ -368,8 +349,7 @@ fn clients_wait_for_a_late_host_then_flow() {
     let server = Server::start(Mode::Echo);
     let mut rig = Rig::start(RigSpec::new("echo", server.addr));
     rig.host.as_mut().unwrap().kill();
-    rig.guest()
-        .wait_log("session ended", 1, Duration::from_secs(10));
+    rig.guest().wait_log("session ended", 1, Duration::from_secs(10));
     // A client arrives while there is no host; the host comes back in time.
     let s = rig.connect();
     rig.start_host();
@@ -386,12 +366,10 @@ fn clients_are_reset_when_no_session_comes() {
     spec.guest_extra = vec!["--session-wait".into(), "500ms".into()];
     let mut rig = Rig::start(spec);
     rig.host.as_mut().unwrap().kill();
-    rig.guest()
-        .wait_log("session ended", 1, Duration::from_secs(10));
+    rig.guest().wait_log("session ended", 1, Duration::from_secs(10));
     let t = Instant::now();
     let mut s = rig.connect();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let mut out = Vec::new();
     let end = read_to_end(&mut s, Duration::from_secs(5), &mut out);
     assert!(matches!(end, End::Reset(_)), "client saw {end:?}");
@@ -409,31 +387,14 @@ fn sigterm_stops_both_cleanly() {
     let (_server, mut rig) = echo_rig();
     let mut held = rig.connect();
     held.write_all(b"x").unwrap();
-    let st = rig
-        .guest
-        .as_mut()
-        .unwrap()
-        .terminate(Duration::from_secs(10));
-    assert_eq!(
-        st.map(|s| s.code()),
-        Some(Some(0)),
-        "guest bridge exit status"
-    );
-    held.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    let st = rig.guest.as_mut().unwrap().terminate(Duration::from_secs(10));
+    assert_eq!(st.map(|s| s.code()), Some(Some(0)), "guest bridge exit status");
+    held.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let mut out = Vec::new();
     let end = read_to_end(&mut held, Duration::from_secs(5), &mut out);
     assert!(matches!(end, End::Reset(_)), "held client saw {end:?}");
-    let st = rig
-        .host
-        .as_mut()
-        .unwrap()
-        .terminate(Duration::from_secs(10));
-    assert_eq!(
-        st.map(|s| s.code()),
-        Some(Some(0)),
-        "host bridge exit status"
-    );
+    let st = rig.host.as_mut().unwrap().terminate(Duration::from_secs(10));
+    assert_eq!(st.map(|s| s.code()), Some(Some(0)), "host bridge exit status");
 }
 
 #[test]
@@ -455,8 +416,7 @@ fn unix_socket_listener_carries_streams() {
                     w.write_all(&d2).unwrap();
                     w.shutdown(Shutdown::Write).unwrap();
                 });
-                s.set_read_timeout(Some(Duration::from_millis(200)))
-                    .unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
                 let mut out = Vec::new();
                 let end = read_to_end(&mut s, Duration::from_secs(20), &mut out);
                 writer.join().unwrap();
@@ -471,8 +431,87 @@ fn unix_socket_listener_carries_streams() {
     let opened = log_lines(&rig.guest().log_text(), "opened for client unix:");
     assert_eq!(opened.len(), 4, "{opened:?}");
     drop(rig);
-    assert!(
-        !path.exists(),
-        "the guest bridge removes its socket on exit"
+    assert!(!path.exists(), "the guest bridge removes its socket on exit");
+}
+
+#[test]
+fn guests_found_in_a_guest_dir_come_and_go() {
+    use std::process::Command;
+    use vios_tests::{bin, standin_at, Proc, TempDir};
+    let server = Server::start(Mode::Echo);
+    let dir = TempDir::new("guestdir");
+    let guests = dir.join("channels");
+    std::fs::create_dir_all(&guests).unwrap();
+    let host = Proc::spawn(
+        "host-bridge",
+        Command::new(bin("vios-host-bridge"))
+            .arg("--guest-dir")
+            .arg(&guests)
+            .args(["--rescan", "200ms", "--service", &format!("echo={}", server.addr)]),
+        dir.join("host.log"),
     );
+    host.wait_log("watching", 1, Duration::from_secs(5));
+    // A guest appears, laid out as libvirt lays it out: <id>-<name>/<port>.
+    let vm_dir = guests.join("7-vm1");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let _standin = standin_at(
+        &vm_dir.join("org.qpid.vios.0"),
+        &dir.join("g.sock"),
+        dir.join("standin.log"),
+    );
+    let port = vios_tests::free_port();
+    let guest = Proc::spawn(
+        "guest-bridge",
+        Command::new(bin("vios-guest-bridge"))
+            .arg("--channel")
+            .arg(format!("unix:{}", dir.join("g.sock").display()))
+            .args(["--listen", &format!("127.0.0.1:{port}=echo")]),
+        dir.join("guest.log"),
+    );
+    host.wait_log("guest vm1 found in", 1, Duration::from_secs(5));
+    guest.wait_log("session established", 1, Duration::from_secs(10));
+    let connect = || TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let data = Arc::new(pattern(100_000, 1));
+    let (out, end, _) = echo_round(connect(), data.clone(), Duration::from_secs(10));
+    assert_eq!((end, out == *data), (End::Eof, true));
+    // Streams open when the guest goes away are reset at both ends.
+    let mut held = connect();
+    held.write_all(b"hello").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::remove_dir_all(&vm_dir).unwrap();
+    host.wait_log("guest vm1 is gone", 1, Duration::from_secs(5));
+    let outcomes = server.wait_outcomes(2, Duration::from_secs(5));
+    assert!(outcomes.iter().any(|o| o.starts_with("Reset")), "{outcomes:?}");
+    held.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut rest = Vec::new();
+    let end = read_to_end(&mut held, Duration::from_secs(10), &mut rest);
+    assert!(matches!(end, End::Reset(_)), "held client saw {end:?}");
+}
+
+#[test]
+fn sighup_rescans_at_once() {
+    use std::process::Command;
+    use vios_tests::{bin, standin_at, Proc, TempDir};
+    let dir = TempDir::new("sighup");
+    let guests = dir.join("channels");
+    std::fs::create_dir_all(guests.join("vm2")).unwrap();
+    let host = Proc::spawn(
+        "host-bridge",
+        Command::new(bin("vios-host-bridge"))
+            .arg("--guest-dir")
+            .arg(&guests)
+            .args(["--rescan", "1h", "--service", "echo=127.0.0.1:9"]),
+        dir.join("host.log"),
+    );
+    host.wait_log("watching", 1, Duration::from_secs(5));
+    let _standin = standin_at(
+        &guests.join("vm2/org.qpid.vios.0"),
+        &dir.join("g.sock"),
+        dir.join("standin.log"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!host.log_text().contains("guest vm2 found"));
+    host.signal("HUP");
+    host.wait_log("guest vm2 found in", 1, Duration::from_secs(5));
+    host.wait_log("channel unix:", 1, Duration::from_secs(5));
 }

@@ -79,10 +79,7 @@ pub fn resolve_port_name(name: &str, sys: &Path, dev: &Path) -> io::Result<PathB
     }
     Err(io::Error::new(
         io::ErrorKind::NotFound,
-        format!(
-            "no virtio-serial port named {name:?} under {}",
-            sys.display()
-        ),
+        format!("no virtio-serial port named {name:?} under {}", sys.display()),
     ))
 }
 
@@ -201,9 +198,10 @@ impl Link {
                 self.retry_at = Some(now + retry_in);
                 self.backoff = (self.backoff * 2).min(RETRY_MAX);
                 let error = e.to_string();
-                let repeated = self.last_failure.as_ref().is_some_and(|(last, at)| {
-                    *last == error && now.duration_since(*at) < REPORT_AGAIN
-                });
+                let repeated = self
+                    .last_failure
+                    .as_ref()
+                    .is_some_and(|(last, at)| *last == error && now.duration_since(*at) < REPORT_AGAIN);
                 if !repeated {
                     self.last_failure = Some((error.clone(), now));
                 }
@@ -230,11 +228,7 @@ impl Link {
             }
             ChannelSpec::Device(path) => self.open_device(path, registry),
             ChannelSpec::Named(name) => {
-                let path = resolve_port_name(
-                    name,
-                    Path::new("/sys/class/virtio-ports"),
-                    Path::new("/dev"),
-                )?;
+                let path = resolve_port_name(name, Path::new("/sys/class/virtio-ports"), Path::new("/dev"))?;
                 self.open_device(&path, registry)
             }
         }
@@ -266,12 +260,7 @@ impl Link {
     }
 
     /// Reads what the channel has into the session, within a budget.
-    pub fn read(
-        &mut self,
-        now: Instant,
-        registry: &Registry,
-        session: &mut Session,
-    ) -> Option<LinkNews> {
+    pub fn read(&mut self, now: Instant, registry: &Registry, session: &mut Session) -> Option<LinkNews> {
         let mut total = 0;
         while self.readable && total < READ_BUDGET {
             let space = session.recv_space();
@@ -301,12 +290,7 @@ impl Link {
     }
 
     /// Writes what the session has to send.
-    pub fn write(
-        &mut self,
-        now: Instant,
-        registry: &Registry,
-        session: &mut Session,
-    ) -> Option<LinkNews> {
+    pub fn write(&mut self, now: Instant, registry: &Registry, session: &mut Session) -> Option<LinkNews> {
         while self.writable {
             let out = session.poll_transmit();
             if out.is_empty() {
@@ -409,9 +393,7 @@ mod tests {
             dev.join("vport0p2")
         );
         let err = resolve_port_name("nope", &sys, &dev).unwrap_err();
-        assert!(err
-            .to_string()
-            .contains("no virtio-serial port named \"nope\""));
+        assert!(err.to_string().contains("no virtio-serial port named \"nope\""));
         fs::create_dir_all(dev.join("virtio-ports")).unwrap();
         fs::write(dev.join("virtio-ports/org.qpid.vios.0"), "").unwrap();
         assert_eq!(

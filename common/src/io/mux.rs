@@ -95,18 +95,11 @@ impl Mux {
 
     /// Adds a stream's socket: a guest client (`Phase::Open`) or a host
     /// connect in progress (`Phase::Connecting`).
-    pub fn add_conn(
-        &mut self,
-        registry: &Registry,
-        mut conn: Conn,
-        now: Instant,
-    ) -> std::io::Result<()> {
+    pub fn add_conn(&mut self, registry: &Registry, mut conn: Conn, now: Instant) -> std::io::Result<()> {
         let stream = conn.stream;
         let phase = conn.phase;
         let key = self.conns.insert_with(|key| {
-            let r = conn
-                .sock
-                .register(registry, Token(self.token_base + 1 + key));
+            let r = conn.sock.register(registry, Token(self.token_base + 1 + key));
             (conn, r)
         })?;
         self.by_stream.insert(stream, key);
@@ -252,13 +245,7 @@ impl Mux {
         }
     }
 
-    fn on_event(
-        &mut self,
-        ev: Event<'static>,
-        now: Instant,
-        registry: &Registry,
-        opener: &mut dyn Opener,
-    ) {
+    fn on_event(&mut self, ev: Event<'static>, now: Instant, registry: &Registry, opener: &mut dyn Opener) {
         match ev {
             Event::Data { .. } => unreachable!("split off by dispatch"),
             Event::Established(info) => info!(
@@ -268,10 +255,7 @@ impl Mux {
             Event::Ended(reason) => {
                 let n = self.conns.len();
                 if n > 0 || reason.is_failure() {
-                    warn!(
-                        "{}session ended: {reason}; resetting {n} stream(s)",
-                        self.label
-                    );
+                    warn!("{}session ended: {reason}; resetting {n} stream(s)", self.label);
                 } else {
                     info!("{}session ended: {reason}", self.label);
                 }
@@ -282,11 +266,7 @@ impl Mux {
                 self.ready.clear();
                 self.connecting.clear();
             }
-            Event::Rejected {
-                by_peer,
-                code,
-                text,
-            } => {
+            Event::Rejected { by_peer, code, text } => {
                 if by_peer {
                     warn!("{}peer refused the handshake: {code}: {text}", self.label);
                 } else {
@@ -300,9 +280,7 @@ impl Mux {
                     drain.as_millis()
                 );
             }
-            Event::Opened { stream, service } => {
-                self.opened(stream, service, now, registry, opener)
-            }
+            Event::Opened { stream, service } => self.opened(stream, service, now, registry, opener),
             Event::Accepted { stream } => debug!("{}stream {stream} accepted", self.label),
             Event::Refused {
                 stream,
@@ -311,12 +289,7 @@ impl Mux {
                 by_peer,
             } => {
                 if let Some(&key) = self.by_stream.get(&stream) {
-                    self.drop_conn(
-                        key,
-                        registry,
-                        &format!("refused by host: {code}: {text}"),
-                        false,
-                    );
+                    self.drop_conn(key, registry, &format!("refused by host: {code}: {text}"), false);
                 } else if !by_peer {
                     info!("{}stream {stream} refused: {code}: {text}", self.label);
                 }

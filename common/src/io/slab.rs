@@ -36,10 +36,7 @@ impl<T> Slab<T> {
     }
 
     /// Inserts the value `f` builds from its key, unless `f` fails.
-    pub fn insert_with<E>(
-        &mut self,
-        f: impl FnOnce(usize) -> (T, Result<(), E>),
-    ) -> Result<usize, E> {
+    pub fn insert_with<E>(&mut self, f: impl FnOnce(usize) -> (T, Result<(), E>)) -> Result<usize, E> {
         let key = self.next_key();
         let (value, r) = f(key);
         r?;

@@ -46,10 +46,7 @@ impl Code {
     ];
 
     pub fn from_u16(v: u16) -> Code {
-        Self::KNOWN
-            .get(usize::from(v))
-            .copied()
-            .unwrap_or(Code::Other(v))
+        Self::KNOWN.get(usize::from(v)).copied().unwrap_or(Code::Other(v))
     }
 
     pub fn to_u16(self) -> u16 {

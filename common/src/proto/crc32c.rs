@@ -27,9 +27,9 @@ const TABLE: [u32; 256] = {
 
 /// CRC-32C of `bytes`.
 pub fn crc32c(bytes: &[u8]) -> u32 {
-    !bytes.iter().fold(!0u32, |crc, &b| {
-        TABLE[usize::from((crc as u8) ^ b)] ^ (crc >> 8)
-    })
+    !bytes
+        .iter()
+        .fold(!0u32, |crc, &b| TABLE[usize::from((crc as u8) ^ b)] ^ (crc >> 8))
 }
 
 #[cfg(test)]

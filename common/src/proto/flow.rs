@@ -29,11 +29,7 @@ impl SendCredit {
 
     /// Accounts for `n` bytes sent; the caller never sends beyond the credit.
     pub fn consume(&mut self, n: u32) {
-        debug_assert!(
-            n <= self.credit,
-            "sent {n} bytes with {} credit",
-            self.credit
-        );
+        debug_assert!(n <= self.credit, "sent {n} bytes with {} credit", self.credit);
         self.credit -= n;
     }
 

@@ -46,11 +46,9 @@ pub enum FrameType {
 impl FrameType {
     fn from_u8(b: u8) -> Option<FrameType> {
         use FrameType::*;
-        [
-            Data, Open, Accept, Refuse, Credit, Fin, Reset, Ping, Pong, GoAway,
-        ]
-        .get(usize::from(b))
-        .copied()
+        [Data, Open, Accept, Refuse, Credit, Fin, Reset, Ping, Pong, GoAway]
+            .get(usize::from(b))
+            .copied()
     }
 
     /// Session frames travel on stream 0; all others on a stream.
@@ -157,9 +155,7 @@ impl Frame<'_> {
     /// payload is a bug, caught by a debug assertion.
     pub fn encode(&self, tag: u16, dst: &mut [u8]) {
         debug_assert_eq!(dst.len(), self.encoded_len());
-        debug_assert!(
-            self.frame_type() == FrameType::Data || self.payload_len() <= MAX_CONTROL_PAYLOAD
-        );
+        debug_assert!(self.frame_type() == FrameType::Data || self.payload_len() <= MAX_CONTROL_PAYLOAD);
         let payload_len = self.payload_len();
         write_header(dst, self.frame_type(), tag, payload_len, self.stream());
         let body = &mut dst[HEADER_LEN..HEADER_LEN + payload_len];
@@ -173,11 +169,7 @@ impl Frame<'_> {
             }
             Frame::Credit { increment, .. } => body.copy_from_slice(&increment.to_be_bytes()),
             Frame::Ping { opaque } | Frame::Pong { opaque } => body.copy_from_slice(opaque),
-            Frame::GoAway {
-                code,
-                drain_ms,
-                text,
-            } => {
+            Frame::GoAway { code, drain_ms, text } => {
                 body[..2].copy_from_slice(&code.to_u16().to_be_bytes());
                 body[2..6].copy_from_slice(&drain_ms.to_be_bytes());
                 body[6..].copy_from_slice(text.as_bytes());
@@ -391,11 +383,7 @@ fn parse_body(ty: FrameType, stream: StreamId, body: &[u8]) -> Result<Frame<'_>,
             let code = Code::from_u16(u16::from_be_bytes([body[0], body[1]]));
             let drain_ms = u32::from_be_bytes(body[2..6].try_into().unwrap());
             let text = std::str::from_utf8(&body[6..]).map_err(|_| bad("text is not UTF-8"))?;
-            Frame::GoAway {
-                code,
-                drain_ms,
-                text,
-            }
+            Frame::GoAway { code, drain_ms, text }
         }
     })
 }
@@ -470,9 +458,7 @@ mod tests {
                 code: Code::Other(4242),
                 text: "",
             },
-            Frame::Ping {
-                opaque: *b"12345678",
-            },
+            Frame::Ping { opaque: *b"12345678" },
             Frame::Pong { opaque: [0xFF; 8] },
             Frame::GoAway {
                 code: Code::GoingAway,
@@ -509,9 +495,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_headers() {
-        let good = enc(&Frame::Fin {
-            stream: StreamId(1),
-        });
+        let good = enc(&Frame::Fin { stream: StreamId(1) });
         let mut b = good.clone();
         b[0] = 0x42;
         assert_eq!(decode(&b, TAG, 100), Err(DecodeError::UnknownType(0x42)));
@@ -537,9 +521,7 @@ mod tests {
             decode(&ping_on_stream, TAG, 100),
             Err(DecodeError::StreamId { .. })
         ));
-        let fin_on_zero = enc(&Frame::Fin {
-            stream: StreamId(0),
-        });
+        let fin_on_zero = enc(&Frame::Fin { stream: StreamId(0) });
         assert!(matches!(
             decode(&fin_on_zero, TAG, 100),
             Err(DecodeError::StreamId { .. })
@@ -552,22 +534,10 @@ mod tests {
         let mut h = [0u8; HEADER_LEN];
         write_header(&mut h, FrameType::Data, TAG, 0, StreamId(1));
         h[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(
-            decode(&h, TAG, 65536),
-            Err(DecodeError::TooLong { .. })
-        ));
+        assert!(matches!(decode(&h, TAG, 65536), Err(DecodeError::TooLong { .. })));
         let mut h = [0u8; HEADER_LEN];
-        write_header(
-            &mut h,
-            FrameType::Open,
-            TAG,
-            MAX_CONTROL_PAYLOAD + 1,
-            StreamId(1),
-        );
-        assert!(matches!(
-            decode(&h, TAG, 65536),
-            Err(DecodeError::TooLong { .. })
-        ));
+        write_header(&mut h, FrameType::Open, TAG, MAX_CONTROL_PAYLOAD + 1, StreamId(1));
+        assert!(matches!(decode(&h, TAG, 65536), Err(DecodeError::TooLong { .. })));
     }
 
     #[test]

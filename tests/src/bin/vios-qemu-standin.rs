@@ -122,8 +122,8 @@ fn main() -> io::Result<()> {
     );
     let mut events = Events::with_capacity(64);
     loop {
-        let timeout = (r.delay > Duration::ZERO)
-            .then(|| r.next_write.saturating_duration_since(Instant::now()));
+        let timeout =
+            (r.delay > Duration::ZERO).then(|| r.next_write.saturating_duration_since(Instant::now()));
         r.poll
             .poll(&mut events, timeout.or(Some(Duration::from_millis(200))))?;
         for ev in events.iter() {
@@ -150,10 +150,7 @@ fn main() -> io::Result<()> {
 impl Relay {
     fn command(&mut self, cmd: &str) {
         let mut words = cmd.split_whitespace();
-        match (
-            words.next(),
-            words.next().and_then(|w| w.parse::<u64>().ok()),
-        ) {
+        match (words.next(), words.next().and_then(|w| w.parse::<u64>().ok())) {
             (Some("cut"), _) => {
                 self.drop_host();
                 self.drop_guest();
@@ -200,11 +197,9 @@ impl Relay {
     fn accept(&mut self) -> io::Result<()> {
         if self.host.conn.is_none() {
             if let Ok((mut c, _)) = self.host_l.accept() {
-                self.poll.registry().register(
-                    &mut c,
-                    HOST_C,
-                    Interest::READABLE | Interest::WRITABLE,
-                )?;
+                self.poll
+                    .registry()
+                    .register(&mut c, HOST_C, Interest::READABLE | Interest::WRITABLE)?;
                 self.host = Side {
                     conn: Some(c),
                     readable: true,
@@ -215,11 +210,9 @@ impl Relay {
         // Without a host, a guest sees "no host": it is not served.
         if self.guest.conn.is_none() && self.host.conn.is_some() {
             if let Ok((mut c, _)) = self.guest_l.accept() {
-                self.poll.registry().register(
-                    &mut c,
-                    GUEST_C,
-                    Interest::READABLE | Interest::WRITABLE,
-                )?;
+                self.poll
+                    .registry()
+                    .register(&mut c, GUEST_C, Interest::READABLE | Interest::WRITABLE)?;
                 self.guest = Side {
                     conn: Some(c),
                     readable: true,

@@ -169,9 +169,7 @@ impl Session {
                 // handshake reads it.
                 HelloParse::Valid(..) => (Step::Event(self.end(EndReason::PeerRestarted, now)), 0),
                 // Rescan from the byte after the offending header's start.
-                HelloParse::Invalid(why) => {
-                    (self.desync(format!("bad HELLO in session: {why}"), now), 1)
-                }
+                HelloParse::Invalid(why) => (self.desync(format!("bad HELLO in session: {why}"), now), 1),
             },
             Err(err) => (self.desync(err.to_string(), now), 1),
         };
@@ -222,11 +220,7 @@ impl Session {
                 }
                 return Step::Continue;
             }
-            Frame::GoAway {
-                code,
-                drain_ms,
-                text,
-            } => {
+            Frame::GoAway { code, drain_ms, text } => {
                 if drain_ms == 0 || e.streams.is_empty() {
                     let reason = EndReason::PeerGoAway {
                         code,
@@ -280,10 +274,8 @@ impl Session {
                     });
                 }
                 let window = self.cfg.limits.initial_window;
-                e.streams.insert(
-                    stream,
-                    Stream::new(e.info.peer_limits.initial_window, window),
-                );
+                e.streams
+                    .insert(stream, Stream::new(e.info.peer_limits.initial_window, window));
                 return Step::Event(Event::Opened {
                     stream,
                     service: service.to_owned(),
@@ -348,18 +340,12 @@ impl Session {
                 match s.send.grant(increment) {
                     Ok(true) => Step::Event(Event::Credit { stream }),
                     Ok(false) => Step::Continue,
-                    Err(_) => {
-                        self.stream_violation(stream, Code::FlowControlError, "credit overflow")
-                    }
+                    Err(_) => self.stream_violation(stream, Code::FlowControlError, "credit overflow"),
                 }
             }
             Frame::Fin { .. } => {
                 if s.remote_fin || guest_unaccepted {
-                    return self.stream_violation(
-                        stream,
-                        Code::ProtocolError,
-                        "FIN twice or before ACCEPT",
-                    );
+                    return self.stream_violation(stream, Code::ProtocolError, "FIN twice or before ACCEPT");
                 }
                 s.remote_fin = true;
                 if s.local_fin {

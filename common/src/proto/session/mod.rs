@@ -159,11 +159,7 @@ pub enum Event<'a> {
     /// The session ended: abort every stream it carried.
     Ended(EndReason),
     /// The handshake failed: the peer refused us (`by_peer`) or we refused it.
-    Rejected {
-        by_peer: bool,
-        code: Code,
-        text: String,
-    },
+    Rejected { by_peer: bool, code: Code, text: String },
     /// (host) The guest opened a stream: connect, then [`Session::accept`] or
     /// [`Session::refuse`]. DATA may arrive before that.
     Opened { stream: StreamId, service: String },
@@ -207,15 +203,7 @@ impl<'a> Event<'a> {
             Event::Data { stream, bytes } => return Err((stream, bytes)),
             Event::Established(i) => Event::Established(i),
             Event::Ended(r) => Event::Ended(r),
-            Event::Rejected {
-                by_peer,
-                code,
-                text,
-            } => Event::Rejected {
-                by_peer,
-                code,
-                text,
-            },
+            Event::Rejected { by_peer, code, text } => Event::Rejected { by_peer, code, text },
             Event::Opened { stream, service } => Event::Opened { stream, service },
             Event::Accepted { stream } => Event::Accepted { stream },
             Event::Refused {
@@ -625,10 +613,8 @@ impl Session {
         }
         e.highest += 1;
         let stream = StreamId(e.highest);
-        e.streams.insert(
-            stream,
-            Stream::new(e.info.peer_limits.initial_window, window),
-        );
+        e.streams
+            .insert(stream, Stream::new(e.info.peer_limits.initial_window, window));
         let tag = e.info.tag;
         push_frame(&mut self.tx, tag, &Frame::Open { stream, service });
         Ok(stream)
@@ -754,15 +740,7 @@ impl Session {
         let tag = e.info.tag;
         let drain_ms = u32::try_from(drain.as_millis()).unwrap_or(u32::MAX);
         let text = frame::clip_text(text, frame::MAX_GOAWAY_TEXT);
-        push_frame(
-            &mut self.tx,
-            tag,
-            &Frame::GoAway {
-                code,
-                drain_ms,
-                text,
-            },
-        );
+        push_frame(&mut self.tx, tag, &Frame::GoAway { code, drain_ms, text });
     }
 
     /// Stops for good: GOAWAY with `grace`, and no new handshake once the

@@ -69,9 +69,7 @@ impl Side {
     }
 
     fn has(&self, pred: impl Fn(&Event<'static>) -> bool) -> bool {
-        self.events
-            .iter()
-            .any(|e| matches!(e, Ev::Other(ev) if pred(ev)))
+        self.events.iter().any(|e| matches!(e, Ev::Other(ev) if pred(ev)))
     }
 }
 
@@ -186,10 +184,7 @@ fn open_accepted(p: &mut Pair) -> StreamId {
     })));
     p.h.s.accept(id);
     p.drive();
-    assert!(p
-        .g
-        .take()
-        .contains(&Ev::Other(Event::Accepted { stream: id })));
+    assert!(p.g.take().contains(&Ev::Other(Event::Accepted { stream: id })));
     id
 }
 
@@ -306,8 +301,7 @@ fn refusal_and_reset_both_ways() {
     p.up();
     let a = p.g.s.open("nosuch").unwrap();
     p.drive();
-    p.h.s
-        .refuse(a, Code::UnknownService, "no service \"nosuch\"");
+    p.h.s.refuse(a, Code::UnknownService, "no service \"nosuch\"");
     p.drive();
     assert!(p.g.has(|e| matches!(e, Event::Refused { stream, code: Code::UnknownService, by_peer: true, .. } if *stream == a)));
     assert_eq!(p.g.s.stream_count(), 0);
@@ -315,7 +309,9 @@ fn refusal_and_reset_both_ways() {
     let b = open_accepted(&mut p);
     p.g.s.reset(b, Code::Aborted, "client reset");
     p.drive();
-    assert!(p.h.has(|e| matches!(e, Event::Reset { stream, code: Code::Aborted, by_peer: true, .. } if *stream == b)));
+    assert!(p.h.has(
+        |e| matches!(e, Event::Reset { stream, code: Code::Aborted, by_peer: true, .. } if *stream == b)
+    ));
     let c = open_accepted(&mut p);
     p.h.s.reset(c, Code::Aborted, "broker reset");
     p.drive();
@@ -496,10 +492,7 @@ fn keepalive_holds_an_idle_session_and_detects_a_dead_peer() {
     // The guest freezes: nothing it writes arrives.
     p.g_to_h = false;
     p.advance(Duration::from_secs(16));
-    assert_eq!(
-        ended(&p.h),
-        Some(EndReason::IdleTimeout(Duration::from_secs(15)))
-    );
+    assert_eq!(ended(&p.h), Some(EndReason::IdleTimeout(Duration::from_secs(15))));
 }
 
 #[test]
@@ -519,10 +512,7 @@ fn split_at_every_byte_boundary() {
         p.g.s.finish(id);
         p.drive();
         assert_eq!(p.h.data(id), data, "chunk {chunk}");
-        assert!(
-            p.h.has(|e| *e == Event::Finished { stream: id }),
-            "chunk {chunk}"
-        );
+        assert!(p.h.has(|e| *e == Event::Finished { stream: id }), "chunk {chunk}");
     }
 }
 
@@ -675,10 +665,7 @@ fn replies_backed_up_stop_input() {
         fed += n;
         p.h.poll(p.now);
     }
-    assert!(
-        fed < input.len(),
-        "input must stop while replies are backed up"
-    );
+    assert!(fed < input.len(), "input must stop while replies are backed up");
     let limit = DEFAULT_TX_HIGH_WATER + DEFAULT_MAX_FRAME_PAYLOAD as usize + CONTROL_ALLOWANCE;
     assert!(p.h.s.tx.len() < limit + 300);
 }
@@ -694,13 +681,7 @@ fn repeated_failures_back_off() {
             break;
         }
         let mut bad = [0u8; 18];
-        write_header(
-            &mut bad,
-            FrameType::Fin,
-            tag.wrapping_add(1),
-            0,
-            StreamId(1),
-        );
+        write_header(&mut bad, FrameType::Fin, tag.wrapping_add(1), 0, StreamId(1));
         p.g.s.tx.append(18).copy_from_slice(&bad);
         p.drive();
         fails += 1;
