@@ -5,6 +5,7 @@
 //! [`TempDir`] of its own, so tests can run in parallel.
 
 pub mod servers;
+pub mod vm;
 
 use std::fs;
 use std::io::{self, BufRead, Read, Write};
