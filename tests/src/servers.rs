@@ -19,6 +19,8 @@ pub enum Mode {
     ResetAfter(usize),
     /// Reads and discards.
     Sink,
+    /// Writes a pattern until the client goes away.
+    Source,
 }
 
 /// How one connection ended, as the server saw it.
@@ -87,6 +89,17 @@ impl Drop for Server {
 
 fn serve(mut conn: TcpStream, mode: Mode) -> Outcome {
     let _ = conn.set_nodelay(true);
+    if let Mode::Source = mode {
+        let chunk = crate::pattern(256 * 1024, 11);
+        loop {
+            if let Err(e) = conn.write_all(&chunk) {
+                return Outcome {
+                    bytes_in: 0,
+                    end: End::Reset(e.to_string()),
+                };
+            }
+        }
+    }
     let mut buf = vec![0u8; 64 * 1024];
     let mut got: Vec<u8> = Vec::new();
     let mut bytes_in = 0u64;
@@ -122,7 +135,7 @@ fn serve(mut conn: TcpStream, mode: Mode) -> Outcome {
                     };
                 }
             }
-            Mode::Sink => {}
+            Mode::Sink | Mode::Source => {}
         }
     }
     if let Mode::EchoAfterEof = mode {
