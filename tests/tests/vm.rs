@@ -429,7 +429,7 @@ fn figures_raw_port_and_through_the_bridge() {
     let (took, mut sock) = reader.join().unwrap();
     let raw_up = RAW as f64 / took.as_secs_f64() / 1e6;
 
-        // Host -> guest: the test writes; the guest reads with dd (the device
+    // Host -> guest: the test writes; the guest reads with dd (the device
     // returns at most 4 KiB per read).
     let writer = std::thread::spawn(move || {
         let chunk = vec![7u8; 1 << 20];
@@ -439,12 +439,18 @@ fn figures_raw_port_and_through_the_bridge() {
         sock
     });
     let t = Instant::now();
-        let out = vm.ok(
-        &format!("dd if={port} of=/dev/null bs=64k iflag=fullblock count={}", RAW / 65536),
+    let out = vm.ok(
+        &format!(
+            "dd if={port} of=/dev/null bs=64k iflag=fullblock count={}",
+            RAW / 65536
+        ),
         Duration::from_secs(120),
     );
     let raw_down = RAW as f64 / t.elapsed().as_secs_f64() / 1e6;
-        assert!(out.contains(&format!("{}+0 records in", RAW / 65536)), "dd read short: {out}");
+    assert!(
+        out.contains(&format!("{}+0 records in", RAW / 65536)),
+        "dd read short: {out}"
+    );
     drop(writer.join().unwrap());
 
     // Through the bridge: the host bridge takes over the channel.
