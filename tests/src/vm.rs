@@ -64,6 +64,9 @@ pub struct Vm {
     pub guest_dir: PathBuf,
     /// Everything the console printed, for failure reports.
     pub transcript: String,
+    /// Where the guest bridge's log is saved when the VM goes (failure or
+    /// `VIOS_KEEP_TEMP`).
+    log_dir: PathBuf,
 }
 
 /// How to boot a guest.
@@ -126,6 +129,7 @@ impl Vm {
             pending: Vec::new(),
             guest_dir: PathBuf::new(),
             transcript: String::new(),
+            log_dir: log_dir.to_path_buf(),
         };
         vm.wait_for("VIOS-GUEST-READY\n", Duration::from_secs(90));
         vm.guest_dir = vm.find_guest_dir(spec.channel_dir);
@@ -234,6 +238,32 @@ impl Vm {
     /// The guest bridge's log (autostarted with `vios.autostart=1`).
     pub fn bridge_log(&mut self) -> String {
         self.run("cat /tmp/guest-bridge.log", Duration::from_secs(10)).0
+    }
+}
+
+impl Drop for Vm {
+    /// Keeps the guest bridge's log beside the host's logs when a test failed
+    /// or `VIOS_KEEP_TEMP` is set, and prints its tail on failure.
+    fn drop(&mut self) {
+        let failing = std::thread::panicking();
+        if !failing && std::env::var_os("VIOS_KEEP_TEMP").is_none() {
+            return;
+        }
+        static SAVED: AtomicUsize = AtomicUsize::new(0);
+        let log = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run("cat /tmp/guest-bridge.log", Duration::from_secs(3)).0
+        }));
+        let text = log.unwrap_or_else(|_| "(guest did not answer)".into());
+        let n = SAVED.fetch_add(1, Ordering::SeqCst);
+        let _ = std::fs::write(self.log_dir.join(format!("guest-{}-{n}.log", self.name)), &text);
+        if failing {
+            eprintln!("---- {} guest bridge log ----\n{}", self.name, tail(&text, 4000));
+            eprintln!(
+                "---- {} console ----\n{}",
+                self.name,
+                tail(&self.transcript, 2000)
+            );
+        }
     }
 }
 

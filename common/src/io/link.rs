@@ -86,13 +86,19 @@ pub fn resolve_port_name(name: &str, sys: &Path, dev: &Path) -> io::Result<PathB
 #[derive(Debug)]
 enum Io {
     Unix(UnixStream),
-    Device(File),
+    /// The open device and its path (for logs).
+    Device(File, PathBuf),
 }
 
 /// A change the owner should log.
 #[derive(Debug, PartialEq, Eq)]
 pub enum LinkNews {
+    /// Connected to the unix socket.
     Connected,
+    /// The device is open (at this path); a host may or may not be there.
+    Opened(PathBuf),
+    /// Bytes moved on the device: a host is connected.
+    HostPresent,
     Lost(String),
     /// A connect or open attempt failed; retrying after the given delay.
     /// `repeated` when it failed the same way last time and was reported
@@ -188,10 +194,13 @@ impl Link {
                 self.backoff = RETRY_FIRST;
                 self.last_failure = None;
                 session.link_up(now);
-                if matches!(self.io, Some(Io::Device(_))) {
-                    self.retry_at = Some(now + DEVICE_POLL);
+                                match &self.io {
+                    Some(Io::Device(_, path)) => {
+                        self.retry_at = Some(now + DEVICE_POLL);
+                        Some(LinkNews::Opened(path.clone()))
+                    }
+                    _ => Some(LinkNews::Connected),
                 }
-                Some(LinkNews::Connected)
             }
             Err(e) => {
                 let retry_in = self.backoff;
@@ -256,7 +265,7 @@ impl Link {
             self.token,
             Interest::READABLE | Interest::WRITABLE,
         )?;
-        Ok(Io::Device(file))
+        Ok(Io::Device(file, path.to_path_buf()))
     }
 
     /// Reads what the channel has into the session, within a budget.
@@ -270,7 +279,7 @@ impl Link {
             let io = self.io.as_mut()?;
             let r = match io {
                 Io::Unix(s) => s.read(space),
-                Io::Device(f) => f.read(space),
+                Io::Device(f, _) => f.read(space),
             };
             match r {
                 Ok(0) => return self.gone(now, registry, session, "end of file".into()),
@@ -299,7 +308,7 @@ impl Link {
             let io = self.io.as_mut()?;
             let r = match io {
                 Io::Unix(s) => s.write(out),
-                Io::Device(f) => f.write(out),
+                Io::Device(f, _) => f.write(out),
             };
             match r {
                 Ok(n) => {
@@ -317,9 +326,9 @@ impl Link {
     }
 
     fn host_seen(&mut self) -> Option<LinkNews> {
-        if matches!(self.io, Some(Io::Device(_))) && !self.host_present {
+        if matches!(self.io, Some(Io::Device(..))) && !self.host_present {
             self.host_present = true;
-            return Some(LinkNews::Connected);
+                        return Some(LinkNews::HostPresent);
         }
         None
     }
@@ -334,10 +343,10 @@ impl Link {
     ) -> Option<LinkNews> {
         self.readable = false;
         match self.io.take() {
-            Some(Io::Device(f)) => {
+            Some(Io::Device(f, path)) => {
                 // No host right now. Keep the device open; start a fresh
                 // handshake whose HELLO waits for the next host.
-                self.io = Some(Io::Device(f));
+                self.io = Some(Io::Device(f, path));
                 self.writable = false;
                 let was_present = std::mem::replace(&mut self.host_present, false);
                 if was_present {
@@ -364,7 +373,7 @@ impl Link {
             Some(Io::Unix(mut s)) => {
                 let _ = registry.deregister(&mut s);
             }
-            Some(Io::Device(f)) => {
+            Some(Io::Device(f, _)) => {
                 let fd = f.as_raw_fd();
                 let _ = registry.deregister(&mut SourceFd(&fd));
             }

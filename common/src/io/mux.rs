@@ -186,6 +186,10 @@ impl Mux {
         let spec = self.link.spec();
         match news {
             LinkNews::Connected => info!("{}channel {spec} connected", self.label),
+            LinkNews::Opened(path) => {
+                info!("{}channel {spec} opened ({}); waiting for the host", self.label, path.display())
+            }
+            LinkNews::HostPresent => info!("{}channel {spec}: host connected", self.label),
             LinkNews::Lost(why) => warn!("{}channel {spec} lost: {why}", self.label),
             LinkNews::HostAbsent => warn!("{}channel {spec}: host disconnected", self.label),
             LinkNews::Failed {
