@@ -80,7 +80,7 @@ pub fn run(cli: Cli) -> io::Result<()> {
     };
     let now = Instant::now();
     let link = Link::new(cli.channel.clone(), LINK, now);
-    
+
     let mux = Mux::new(
         Session::new(cfg, random_seed()),
         link,

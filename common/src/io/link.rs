@@ -194,7 +194,7 @@ impl Link {
                 self.backoff = RETRY_FIRST;
                 self.last_failure = None;
                 session.link_up(now);
-                                match &self.io {
+                match &self.io {
                     Some(Io::Device(_, path)) => {
                         self.retry_at = Some(now + DEVICE_POLL);
                         Some(LinkNews::Opened(path.clone()))
@@ -328,7 +328,7 @@ impl Link {
     fn host_seen(&mut self) -> Option<LinkNews> {
         if matches!(self.io, Some(Io::Device(..))) && !self.host_present {
             self.host_present = true;
-                        return Some(LinkNews::HostPresent);
+            return Some(LinkNews::HostPresent);
         }
         None
     }

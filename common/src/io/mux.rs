@@ -187,7 +187,11 @@ impl Mux {
         match news {
             LinkNews::Connected => info!("{}channel {spec} connected", self.label),
             LinkNews::Opened(path) => {
-                info!("{}channel {spec} opened ({}); waiting for the host", self.label, path.display())
+                info!(
+                    "{}channel {spec} opened ({}); waiting for the host",
+                    self.label,
+                    path.display()
+                )
             }
             LinkNews::HostPresent => info!("{}channel {spec}: host connected", self.label),
             LinkNews::Lost(why) => warn!("{}channel {spec} lost: {why}", self.label),
