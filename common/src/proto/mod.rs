@@ -6,6 +6,7 @@ pub mod crc32c;
 pub mod flow;
 pub mod frame;
 pub mod hello;
+pub mod rate;
 pub mod rng;
 pub mod session;
 

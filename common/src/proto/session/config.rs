@@ -24,6 +24,58 @@ pub struct Config {
     pub backoff_max: Duration,
     /// A session that lasted this long forgives earlier failures.
     pub backoff_reset_after: Duration,
+    /// What a peer may make this side do per second (PROTOCOL.md §8.2).
+    pub policy: Policy,
+}
+
+/// Rate limits on what the peer sends. A rate of 0 means unlimited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Frames other than DATA (HELLOs included) per second, with a burst of
+    /// as many. Beyond it the session ends with `ENHANCE_YOUR_CALM`.
+    pub control_rate: u32,
+    /// Frames of any kind per second, with a burst of as many. Beyond it the
+    /// session stops reading input until the bucket refills: a peer sending
+    /// tiny frames at line rate gets throttled, not served at any CPU cost.
+    pub frame_rate: u32,
+    /// OPENs per second, with a burst of `open_burst`. Beyond it opens are
+    /// refused with `RESOURCE_LIMIT` (and count as violations).
+    pub open_rate: u32,
+    pub open_burst: u32,
+    /// Stream-level violations and refusals for rate tolerated per 10 s
+    /// (with a burst of as many); beyond it the session ends with
+    /// `ENHANCE_YOUR_CALM`.
+    pub violations_per_10s: u32,
+}
+
+pub const DEFAULT_CONTROL_RATE: u32 = 100_000;
+pub const DEFAULT_FRAME_RATE: u32 = 1_000_000;
+pub const DEFAULT_OPEN_RATE: u32 = 2_000;
+pub const DEFAULT_VIOLATIONS_PER_10S: u32 = 1_000;
+
+impl Policy {
+    /// No limits at all (tests, and peers that are trusted).
+    pub fn unlimited() -> Policy {
+        Policy {
+            control_rate: 0,
+            frame_rate: 0,
+            open_rate: 0,
+            open_burst: 0,
+            violations_per_10s: 0,
+        }
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            control_rate: DEFAULT_CONTROL_RATE,
+            frame_rate: DEFAULT_FRAME_RATE,
+            open_rate: DEFAULT_OPEN_RATE,
+            open_burst: DEFAULT_MAX_STREAMS,
+            violations_per_10s: DEFAULT_VIOLATIONS_PER_10S,
+        }
+    }
 }
 
 pub const DEFAULT_MAX_FRAME_PAYLOAD: u32 = 64 * 1024;
@@ -53,6 +105,7 @@ impl Config {
             backoff_first: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
             backoff_reset_after: Duration::from_secs(60),
+            policy: Policy::default(),
         }
     }
 

@@ -175,4 +175,8 @@ pub struct Stats {
     pub hellos_discarded: u64,
     pub bytes_discarded: u64,
     pub stream_violations: u64,
+    /// Times input was paused because the peer exceeded the frame rate.
+    pub throttled: u64,
+    /// OPENs refused for the open rate.
+    pub opens_refused_for_rate: u64,
 }

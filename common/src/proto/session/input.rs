@@ -51,6 +51,20 @@ impl Session {
                     HelloParse::Valid(peer, len) => {
                         h.partial_since = None;
                         self.rx.consume(len);
+                        self.limits.frames.take(now);
+                        if !self.limits.control.take(now) {
+                            // A HELLO flood: stop answering for a while.
+                            self.failures += 1;
+                            self.retry_handshake(now);
+                            return Step::Event(Event::Rejected {
+                                by_peer: false,
+                                code: Code::EnhanceYourCalm,
+                                text: format!(
+                                    "more than {} HELLOs and control frames per second",
+                                    self.cfg.policy.control_rate
+                                ),
+                            });
+                        }
                         self.on_hello(peer, now)
                     }
                 }
@@ -159,7 +173,15 @@ impl Session {
             Ok(Decoded::Incomplete) => (Step::Need, 0),
             Ok(Decoded::Frame(frame, len)) => {
                 self.stats.frames_in += 1;
-                (self.on_frame(frame, rx.offset() + HEADER_LEN, now), len)
+                self.limits.frames.take(now);
+                let control = !matches!(frame, Frame::Data { .. });
+                if control && !self.limits.control.take(now) {
+                    let rate = self.cfg.policy.control_rate;
+                    let detail = format!("more than {rate} control frames per second");
+                    (Step::Event(self.fail(Code::EnhanceYourCalm, detail, now)), len)
+                } else {
+                    (self.on_frame(frame, rx.offset() + HEADER_LEN, now), len)
+                }
             }
             Ok(Decoded::Hello) => match Hello::parse(rx.filled()) {
                 HelloParse::Incomplete => (Step::Need, 0),
@@ -246,8 +268,21 @@ impl Session {
                     return self.desync(detail, now);
                 }
                 e.highest = stream.0;
-                let refusal = if e.drain_until.is_some() {
+                let mut violation = false;
+                let refusal = if frame::check_service_name(service.as_bytes()).is_err() {
+                    // A guest names services, never addresses or paths.
+                    violation = true;
+                    Some((
+                        Code::UnknownService,
+                        "not a service name (A-Z a-z 0-9 . _ -, 1 to 64)".to_owned(),
+                    ))
+                } else if e.drain_until.is_some() {
                     Some((Code::GoingAway, "session is going away".to_owned()))
+                } else if !self.limits.opens.take(now) {
+                    violation = true;
+                    self.stats.opens_refused_for_rate += 1;
+                    let rate = self.cfg.policy.open_rate;
+                    Some((Code::ResourceLimit, format!("more than {rate} opens per second")))
                 } else if e.streams.len() as u64 >= u64::from(self.cfg.limits.max_streams) {
                     Some((
                         Code::ResourceLimit,
@@ -257,6 +292,9 @@ impl Session {
                     None
                 };
                 if let Some((code, text)) = refusal {
+                    if violation && !self.limits.violations.take(now) {
+                        return self.too_many_violations(now);
+                    }
                     push_frame(
                         &mut self.tx,
                         tag,
@@ -302,11 +340,12 @@ impl Session {
                         stream,
                         Code::ProtocolError,
                         "DATA after FIN or before ACCEPT",
+                        now,
                     );
                 }
                 if let Err(o) = s.recv.on_data(payload.len() as u32) {
                     let text = format!("DATA of {} bytes with {} credit", o.len, o.avail);
-                    return self.stream_violation(stream, Code::FlowControlError, &text);
+                    return self.stream_violation(stream, Code::FlowControlError, &text, now);
                 }
                 Step::Data {
                     stream,
@@ -316,14 +355,14 @@ impl Session {
             }
             Frame::Accept { .. } => {
                 if role != Role::Guest || s.accepted {
-                    return self.stream_violation(stream, Code::ProtocolError, "unexpected ACCEPT");
+                    return self.stream_violation(stream, Code::ProtocolError, "unexpected ACCEPT", now);
                 }
                 s.accepted = true;
                 Step::Event(Event::Accepted { stream })
             }
             Frame::Refuse { code, text, .. } => {
                 if role != Role::Guest || s.accepted {
-                    return self.stream_violation(stream, Code::ProtocolError, "unexpected REFUSE");
+                    return self.stream_violation(stream, Code::ProtocolError, "unexpected REFUSE", now);
                 }
                 e.streams.remove(&stream);
                 Step::Event(Event::Refused {
@@ -340,12 +379,17 @@ impl Session {
                 match s.send.grant(increment) {
                     Ok(true) => Step::Event(Event::Credit { stream }),
                     Ok(false) => Step::Continue,
-                    Err(_) => self.stream_violation(stream, Code::FlowControlError, "credit overflow"),
+                    Err(_) => self.stream_violation(stream, Code::FlowControlError, "credit overflow", now),
                 }
             }
             Frame::Fin { .. } => {
                 if s.remote_fin || guest_unaccepted {
-                    return self.stream_violation(stream, Code::ProtocolError, "FIN twice or before ACCEPT");
+                    return self.stream_violation(
+                        stream,
+                        Code::ProtocolError,
+                        "FIN twice or before ACCEPT",
+                        now,
+                    );
                 }
                 s.remote_fin = true;
                 if s.local_fin {
@@ -369,8 +413,11 @@ impl Session {
     }
 
     /// The peer broke a rule of one stream: reset just that stream.
-    fn stream_violation(&mut self, stream: StreamId, code: Code, text: &str) -> Step {
+    fn stream_violation(&mut self, stream: StreamId, code: Code, text: &str, now: Instant) -> Step {
         self.stats.stream_violations += 1;
+        if !self.limits.violations.take(now) {
+            return self.too_many_violations(now);
+        }
         self.reset(stream, code, text);
         Step::Event(Event::Reset {
             stream,
@@ -378,5 +425,12 @@ impl Session {
             text: text.to_owned(),
             by_peer: false,
         })
+    }
+
+    /// The peer keeps breaking stream rules or limits: end the session.
+    fn too_many_violations(&mut self, now: Instant) -> Step {
+        let n = self.cfg.policy.violations_per_10s;
+        let detail = format!("more than {n} stream violations or refused opens in 10 s");
+        Step::Event(self.fail(Code::EnhanceYourCalm, detail, now))
     }
 }

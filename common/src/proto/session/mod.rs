@@ -43,6 +43,7 @@ use super::code::Code;
 use super::flow::{RecvWindow, SendCredit};
 use super::frame::{self, Frame, StreamId};
 use super::hello::{self, Hello, Nonce, Role, NO_NONCE};
+use super::rate::Bucket;
 use super::rng::SplitMix64;
 
 #[derive(Debug)]
@@ -117,6 +118,30 @@ pub struct Session {
     failures: u32,
     shutting_down: bool,
     stats: Stats,
+    limits: RateLimits,
+    /// Input is not read until then: the peer exceeded the frame rate.
+    throttled_until: Option<Instant>,
+}
+
+/// The token buckets of [`Policy`]. They live as long as the link, so a peer
+/// cannot reset them by starting new sessions.
+#[derive(Debug)]
+struct RateLimits {
+    control: Bucket,
+    frames: Bucket,
+    opens: Bucket,
+    violations: Bucket,
+}
+
+impl RateLimits {
+    fn new(p: &Policy) -> RateLimits {
+        RateLimits {
+            control: Bucket::new(p.control_rate, p.control_rate),
+            frames: Bucket::new(p.frame_rate, p.frame_rate),
+            opens: Bucket::new(p.open_rate, p.open_burst),
+            violations: Bucket::new(p.violations_per_10s.div_ceil(10), p.violations_per_10s),
+        }
+    }
 }
 
 impl Session {
@@ -125,6 +150,7 @@ impl Session {
         debug_assert!(cfg.limits.check().is_ok(), "{:?}", cfg.limits.check());
         Session {
             rx: RxBuf::with_capacity(cfg.rx_capacity()),
+            limits: RateLimits::new(&cfg.policy),
             cfg,
             rng: SplitMix64::new(seed),
             state: State::Down,
@@ -133,6 +159,7 @@ impl Session {
             failures: 0,
             shutting_down: false,
             stats: Stats::default(),
+            throttled_until: None,
         }
     }
 
@@ -226,7 +253,7 @@ impl Session {
     /// now: the input buffer is full, or replies are backed up because the
     /// peer does not read (stop reading until they are written).
     pub fn recv_space(&mut self) -> &mut [u8] {
-        if self.replies_backed_up() {
+        if self.replies_backed_up() || self.throttled_until.is_some() {
             return &mut [];
         }
         self.rx.space()
@@ -247,7 +274,7 @@ impl Session {
             return Some(self.end(EndReason::Drained, now));
         }
         loop {
-            if self.rx.is_empty() || self.replies_backed_up() {
+            if self.rx.is_empty() || self.replies_backed_up() || self.throttled(now) {
                 return None;
             }
             let step = match &self.state {
@@ -302,6 +329,14 @@ impl Session {
 
     /// When [`Session::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let state = self.state_timeout();
+        match (state, self.throttled_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn state_timeout(&self) -> Option<Instant> {
         match &self.state {
             State::Down | State::Closed => None,
             State::Hold { until } => Some(*until),
@@ -324,6 +359,9 @@ impl Session {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.throttled_until.is_some_and(|t| now >= t) {
+            self.throttled_until = None;
+        }
         let idle = self.cfg.idle_timeout();
         match &mut self.state {
             State::Down | State::Closed => {}
@@ -604,6 +642,21 @@ impl Session {
         self.state = State::Down;
         self.retry_handshake(now);
         Event::Ended(reason)
+    }
+
+    /// Whether input must wait because the peer exceeded the frame rate.
+    fn throttled(&mut self, now: Instant) -> bool {
+        if self.throttled_until.is_some_and(|t| now < t) {
+            return true;
+        }
+        self.throttled_until = None;
+        let next = self.limits.frames.next_token(now);
+        if next > now {
+            self.stats.throttled += 1;
+            self.throttled_until = Some(next);
+            return true;
+        }
+        false
     }
 
     fn replies_backed_up(&self) -> bool {

@@ -636,6 +636,7 @@ fn replies_backed_up_stop_input() {
     let mut p = Pair::new();
     let mut cfg = Config::new(Role::Host, "h");
     cfg.limits.max_streams = 1;
+    cfg.policy = Policy::unlimited();
     p.h = Side {
         s: Session::new(cfg, 2),
         events: vec![],
@@ -741,4 +742,219 @@ fn random_traffic_many_streams_every_byte_arrives() {
         assert_eq!(&p.h.data(*id), up);
         assert_eq!(&p.g.data(*id), down);
     }
+}
+
+/// A pair whose host has the given policy.
+fn pair_with_host_policy(policy: Policy) -> Pair {
+    let mut p = Pair::new();
+    let mut cfg = Config::new(Role::Host, "host test");
+    cfg.policy = policy;
+    p.h = Side {
+        s: Session::new(cfg, 2),
+        events: vec![],
+        auto_consume: true,
+    };
+    p.up();
+    p
+}
+
+/// Frames with the session tag, as a misbehaving guest would write them.
+fn raw(p: &Pair, frames: &[Frame<'_>]) -> Vec<u8> {
+    let tag = p.g.s.info().unwrap().tag;
+    let mut out = vec![];
+    for f in frames {
+        let mut b = vec![0; f.encoded_len()];
+        f.encode(tag, &mut b);
+        out.extend_from_slice(&b);
+    }
+    out
+}
+
+/// Feeds bytes to the host as fast as it takes them; returns how many it took.
+fn feed_host(p: &mut Pair, bytes: &[u8]) -> usize {
+    let mut fed = 0;
+    while fed < bytes.len() {
+        let space = p.h.s.recv_space();
+        if space.is_empty() {
+            break;
+        }
+        let n = space.len().min(bytes.len() - fed);
+        space[..n].copy_from_slice(&bytes[fed..fed + n]);
+        p.h.s.recv_commit(n);
+        fed += n;
+        p.h.poll(p.now);
+    }
+    p.h.poll(p.now);
+    fed
+}
+
+#[test]
+fn control_frame_flood_ends_the_session_with_enhance_your_calm() {
+    let policy = Policy {
+        control_rate: 1000,
+        ..Policy::default()
+    };
+    let mut p = pair_with_host_policy(policy);
+    let pings: Vec<Frame<'_>> = (0..5000u64)
+        .map(|i| Frame::Ping {
+            opaque: i.to_be_bytes(),
+        })
+        .collect();
+    let bytes = raw(&p, &pings);
+    feed_host(&mut p, &bytes);
+    let reason = ended(&p.h).expect("host ended the session");
+    assert!(
+        matches!(
+            &reason,
+            EndReason::Violation {
+                code: Code::EnhanceYourCalm,
+                ..
+            }
+        ),
+        "{reason:?}"
+    );
+    // The GOAWAY reaches the guest with the code.
+    p.drive();
+    assert!(matches!(
+        ended(&p.g),
+        Some(EndReason::PeerGoAway {
+            code: Code::EnhanceYourCalm,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn opens_beyond_the_rate_are_refused_then_the_session_ends() {
+    let policy = Policy {
+        open_rate: 10,
+        open_burst: 10,
+        violations_per_10s: 50,
+        ..Policy::default()
+    };
+    let mut p = pair_with_host_policy(policy);
+    let opens: Vec<Frame<'_>> = (1..=40u64)
+        .map(|i| Frame::Open {
+            stream: StreamId(i),
+            service: "amqp",
+        })
+        .collect();
+    let bytes = raw(&p, &opens);
+    feed_host(&mut p, &bytes);
+    let opened =
+        p.h.events
+            .iter()
+            .filter(|e| matches!(e, Ev::Other(Event::Opened { .. })))
+            .count();
+    let refused =
+        p.h.events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Ev::Other(Event::Refused {
+                        code: Code::ResourceLimit,
+                        ..
+                    })
+                )
+            })
+            .count();
+    assert_eq!((opened, refused), (10, 30));
+    assert!(
+        ended(&p.h).is_none(),
+        "30 refusals are within the violation budget"
+    );
+    assert_eq!(p.h.s.stats().opens_refused_for_rate, 30);
+    // Keep going: past the violation budget the session ends.
+    let more: Vec<Frame<'_>> = (41..=100u64)
+        .map(|i| Frame::Open {
+            stream: StreamId(i),
+            service: "amqp",
+        })
+        .collect();
+    let bytes = raw(&p, &more);
+    feed_host(&mut p, &bytes);
+    assert!(matches!(
+        ended(&p.h),
+        Some(EndReason::Violation {
+            code: Code::EnhanceYourCalm,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn frame_rate_throttles_input_instead_of_burning_cpu() {
+    let policy = Policy {
+        frame_rate: 1000,
+        ..Policy::default()
+    };
+    let mut p = pair_with_host_policy(policy);
+    let id = open_accepted(&mut p);
+    let tiny: Vec<Frame<'_>> = (0..5000)
+        .map(|_| Frame::Data {
+            stream: id,
+            payload: b"x",
+        })
+        .collect();
+    let bytes = raw(&p, &tiny);
+    let t0 = p.now;
+    feed_host(&mut p, &bytes);
+    let got = p.h.data(id).len();
+    assert!((900..=1100).contains(&got), "{got} frames before the throttle");
+    assert!(p.h.s.recv_space().is_empty(), "no reading while throttled");
+    let wake = p.h.s.poll_timeout().unwrap();
+    assert!(wake > t0 && wake <= t0 + Duration::from_millis(5), "{wake:?}");
+    // Time passes: input flows again at the configured rate.
+    for _ in 0..50 {
+        p.now += Duration::from_millis(100);
+        p.h.s.handle_timeout(p.now);
+        p.h.poll(p.now);
+    }
+    assert_eq!(p.h.data(id).len(), 5000);
+    assert!(p.h.s.stats().throttled > 0);
+    assert!(ended(&p.h).is_none(), "throttling is not a violation");
+}
+
+#[test]
+fn addresses_and_paths_are_refused_as_unknown_services() {
+    let mut p = Pair::new();
+    p.up();
+    for (i, name) in ["127.0.0.1:22", "[::1]:22", "/etc/passwd", "", "a b"]
+        .iter()
+        .enumerate()
+    {
+        let bytes = raw(
+            &p,
+            &[Frame::Open {
+                stream: StreamId(i as u64 + 1),
+                service: name,
+            }],
+        );
+        feed_host(&mut p, &bytes);
+    }
+    let refused =
+        p.h.events
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Ev::Other(Event::Refused {
+                        code: Code::UnknownService,
+                        by_peer: false,
+                        ..
+                    })
+                )
+            })
+            .count();
+    assert_eq!(refused, 5);
+    assert!(!p
+        .h
+        .events
+        .iter()
+        .any(|e| matches!(e, Ev::Other(Event::Opened { .. }))));
+    assert!(
+        p.h.s.is_established(),
+        "a bad name costs the stream, not the session"
+    );
 }

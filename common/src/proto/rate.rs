@@ -1,0 +1,92 @@
+//! Token buckets: how a session limits what a peer may make it do per second.
+//! Time is passed in, so tests run on virtual time.
+
+use std::time::{Duration, Instant};
+
+/// A token bucket: `rate` tokens per second, holding at most `burst`.
+/// A rate of 0 means unlimited.
+#[derive(Clone, Debug)]
+pub struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl Bucket {
+    pub fn new(rate_per_sec: u32, burst: u32) -> Bucket {
+        let burst = f64::from(burst.max(1));
+        Bucket {
+            rate: f64::from(rate_per_sec),
+            burst,
+            tokens: burst,
+            last: None,
+        }
+    }
+
+    pub fn unlimited(&self) -> bool {
+        self.rate == 0.0
+    }
+
+    fn refill(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            let dt = now.saturating_duration_since(last).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        }
+        self.last = Some(now);
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        if self.unlimited() {
+            return true;
+        }
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When the next token will be there (`now` if one is).
+    pub fn next_token(&mut self, now: Instant) -> Instant {
+        if self.unlimited() {
+            return now;
+        }
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            now
+        } else {
+            now + Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_then_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10, 5);
+        assert!((0..5).all(|_| b.take(t0)));
+        assert!(!b.take(t0));
+        assert_eq!(b.next_token(t0), t0 + Duration::from_millis(100));
+        assert!(b.take(t0 + Duration::from_millis(100)));
+        assert!(!b.take(t0 + Duration::from_millis(100)));
+        // A long pause refills only up to the burst.
+        let later = t0 + Duration::from_secs(100);
+        assert_eq!((0..10).filter(|_| b.take(later)).count(), 5);
+    }
+
+    #[test]
+    fn zero_rate_is_unlimited() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(0, 0);
+        assert!((0..1_000_000).all(|_| b.take(t0)));
+        assert_eq!(b.next_token(t0), t0);
+    }
+}
