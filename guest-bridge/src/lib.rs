@@ -22,7 +22,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use vios_common::io::conn::{Conn, Phase};
 use vios_common::io::link::Link;
-use vios_common::io::mux::{Mux, NoOpener};
+use vios_common::io::mux::{Mux, MuxConfig, NoOpener};
 use vios_common::io::random_seed;
 use vios_common::io::sock::{would_block, Sock};
 use vios_common::proto::{Config as SessionConfig, Limits, Role, Session};
@@ -84,8 +84,7 @@ pub fn run(cli: Cli) -> io::Result<()> {
     let mux = Mux::new(
         Session::new(cfg, random_seed()),
         link,
-        String::new(),
-        Duration::ZERO,
+        MuxConfig::unlimited(String::new()),
     );
     let mut bridge = Bridge {
         cli,

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use vios_common::cli::{parse_duration, parse_size_in, split_named};
+use vios_common::cli::{parse_duration, parse_size, parse_size_in, split_named};
+use vios_common::proto::session::{
+    DEFAULT_CONTROL_RATE, DEFAULT_FRAME_RATE, DEFAULT_OPEN_RATE, DEFAULT_VIOLATIONS_PER_10S,
+};
 use vios_common::proto::Limits;
 
 const ABOUT: &str = "Host side of the Vios bridge: serves guests' virtio-serial channels \
@@ -105,6 +108,49 @@ pub struct Cli {
     /// On SIGTERM/SIGINT, how long streams may go on before they are reset.
     #[arg(long, value_name = "DURATION", env = "VIOS_SHUTDOWN_GRACE", default_value = "2s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Bytes the host may hold for one guest's streams (data the service has
+    /// not taken yet). A stream that would pass it is reset with RESOURCE_LIMIT.
+    #[arg(long, value_name = "BYTES", env = "VIOS_MAX_BUFFERED", default_value = "64M", value_parser = parse_bytes)]
+    pub max_buffered: u64,
+
+    /// Stream sockets open at once over all guests [default: the open-files
+    /// limit less 128]. At the limit streams are refused with RESOURCE_LIMIT.
+    #[arg(long, value_name = "N", env = "VIOS_MAX_FDS")]
+    pub max_fds: Option<usize>,
+
+    /// OPENs a guest may send per second per channel (a burst of --max-streams
+    /// is allowed); more are refused with RESOURCE_LIMIT. 0: no limit.
+    #[arg(long, value_name = "N", env = "VIOS_OPEN_RATE", default_value_t = DEFAULT_OPEN_RATE)]
+    pub open_rate: u32,
+
+    /// Frames other than DATA (and HELLOs) a guest may send per second per
+    /// channel; more end the session with ENHANCE_YOUR_CALM. 0: no limit.
+    #[arg(long, value_name = "N", env = "VIOS_CONTROL_RATE", default_value_t = DEFAULT_CONTROL_RATE)]
+    pub control_rate: u32,
+
+    /// Frames of any kind a guest may send per second per channel; beyond it
+    /// the channel is read more slowly (throttled), not served at any CPU cost.
+    /// 0: no limit.
+    #[arg(long, value_name = "N", env = "VIOS_FRAME_RATE", default_value_t = DEFAULT_FRAME_RATE)]
+    pub frame_rate: u32,
+
+    /// Stream-level violations and rate refusals tolerated per 10 s per
+    /// channel before the session ends with ENHANCE_YOUR_CALM. 0: no limit.
+    #[arg(long, value_name = "N", env = "VIOS_MAX_VIOLATIONS", default_value_t = DEFAULT_VIOLATIONS_PER_10S)]
+    pub max_violations: u32,
+
+    /// Reset a stream after this long without a byte either way. 0: never.
+    #[arg(long, value_name = "DURATION", env = "VIOS_STREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub stream_idle_timeout: Duration,
+
+    /// Reset a stream that stays half-closed this long. 0: never.
+    #[arg(long, value_name = "DURATION", env = "VIOS_HALF_CLOSED_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub half_closed_timeout: Duration,
+
+    /// A HELLO that takes longer than this to arrive is discarded.
+    #[arg(long, value_name = "DURATION", env = "VIOS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,6 +191,10 @@ fn parse_service(s: &str) -> Result<ServiceSpec, String> {
         name: name.to_owned(),
         addr,
     })
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    parse_size(s)
 }
 
 fn parse_window(s: &str) -> Result<u32, String> {

@@ -20,6 +20,7 @@ pub mod worker;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,8 @@ use log::{error, info, warn};
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
+use vios_common::io::limits::{open_files_limit, StreamTimeouts};
+use vios_common::proto::session::Policy;
 use vios_common::proto::Limits;
 
 use config::Cli;
@@ -59,9 +62,28 @@ pub fn run(cli: Cli) -> io::Result<()> {
             max_streams: cli.max_streams,
             idle_timeout_ms: cli.idle_timeout.as_millis() as u32,
         },
+        policy: Policy {
+            control_rate: cli.control_rate,
+            frame_rate: cli.frame_rate,
+            open_rate: cli.open_rate,
+            open_burst: cli.max_streams,
+            violations_per_10s: cli.max_violations,
+        },
+        handshake_timeout: cli.handshake_timeout,
         connect_timeout: cli.connect_timeout,
         shutdown_grace: cli.shutdown_grace,
+        max_buffered: usize::try_from(cli.max_buffered).unwrap_or(usize::MAX),
+        fds: Arc::new(AtomicUsize::new(0)),
+        max_fds: cli.max_fds.unwrap_or_else(default_max_fds),
+        timeouts: StreamTimeouts {
+            idle: (!cli.stream_idle_timeout.is_zero()).then_some(cli.stream_idle_timeout),
+            half_closed: (!cli.half_closed_timeout.is_zero()).then_some(cli.half_closed_timeout),
+        },
     });
+    info!(
+        "limits per guest: {} streams, {} bytes buffered; {} stream sockets in all",
+        settings.limits.max_streams, settings.max_buffered, settings.max_fds
+    );
     for s in &settings.services {
         info!("service {} -> {}", s.name, s.addr);
     }
@@ -211,4 +233,10 @@ impl Supervisor {
         }
         info!("stopped");
     }
+}
+
+/// Stream sockets allowed when `--max-fds` is not given: the open-files limit
+/// less room for channels, the poll instances and the log.
+fn default_max_fds() -> usize {
+    open_files_limit().unwrap_or(1024).saturating_sub(128).max(16)
 }

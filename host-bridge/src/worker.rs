@@ -8,6 +8,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,10 +16,12 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use mio::net::TcpStream;
 use mio::{Events, Poll, Token, Waker};
+use vios_common::io::limits::{Budget, StreamTimeouts};
 use vios_common::io::link::{ChannelSpec, Link};
-use vios_common::io::mux::{Mux, Opener};
+use vios_common::io::mux::{Mux, MuxConfig, Opener};
 use vios_common::io::random_seed;
 use vios_common::io::sock::Sock;
+use vios_common::proto::session::Policy;
 use vios_common::proto::{Code, Config as SessionConfig, Limits, Role, Session, StreamId};
 
 use crate::config::ServiceSpec;
@@ -32,8 +35,16 @@ const WAKER: Token = Token(usize::MAX);
 pub struct Settings {
     pub services: Vec<ServiceSpec>,
     pub limits: Limits,
+    pub policy: Policy,
+    pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Bytes buffered for one guest's streams.
+    pub max_buffered: usize,
+    /// Stream sockets open over all guests, and their limit.
+    pub fds: Arc<AtomicUsize>,
+    pub max_fds: usize,
+    pub timeouts: StreamTimeouts,
 }
 
 /// What the supervisor tells a worker.
@@ -67,11 +78,17 @@ pub fn spawn(name: &str, sockets: Vec<PathBuf>, settings: Arc<Settings>) -> io::
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let (tx, rx) = mpsc::channel();
+    let budget = Arc::new(Budget::new(
+        settings.max_buffered,
+        settings.fds.clone(),
+        settings.max_fds,
+    ));
     let mut worker = Worker {
         guest: name.to_owned(),
         settings,
         poll,
         slots: Vec::new(),
+        budget,
         control: rx,
     };
     worker.set_channels(&sockets, Instant::now());
@@ -94,6 +111,8 @@ struct Worker {
     /// One mux per channel; a slot's index fixes its tokens, so removed
     /// channels leave a hole for the next one.
     slots: Vec<Option<Mux>>,
+    /// What this guest may hold, shared by its channels.
+    budget: Arc<Budget>,
     control: Receiver<Control>,
 }
 
@@ -133,13 +152,21 @@ impl Worker {
             let version = env!("CARGO_PKG_VERSION");
             let mut cfg = SessionConfig::new(Role::Host, format!("vios-host-bridge {version}"));
             cfg.limits = self.settings.limits;
+            cfg.policy = self.settings.policy.clone();
+            cfg.hello_deadline = self.settings.handshake_timeout;
             let link = Link::new(ChannelSpec::Unix(path.clone()), Token(i << CHANNEL_SHIFT), now);
             let port = path
                 .file_name()
                 .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
             let label = format!("guest {} {port}: ", self.guest);
             let session = Session::new(cfg, random_seed());
-            self.slots[i] = Some(Mux::new(session, link, label, self.settings.connect_timeout));
+            let cfg = MuxConfig {
+                label,
+                connect_timeout: self.settings.connect_timeout,
+                budget: self.budget.clone(),
+                timeouts: self.settings.timeouts,
+            };
+            self.slots[i] = Some(Mux::new(session, link, cfg));
         }
     }
 

@@ -50,6 +50,15 @@ pub struct Conn {
     pub bytes_in: u64,
     /// Bytes written to the socket (received over the channel).
     pub bytes_out: u64,
+    /// Bytes of the guest's buffer budget this connection holds (always its
+    /// pending length once the mux has settled it).
+    pub reserved: usize,
+    /// Has small DATA waiting in `pending` for the end-of-dispatch flush.
+    pub dirty: bool,
+    /// Last time a byte moved either way.
+    pub last_active: Instant,
+    /// When one direction finished (FIN sent or received) without the other.
+    pub half_closed_since: Option<Instant>,
 }
 
 /// The result of writing to the socket.
@@ -87,6 +96,23 @@ impl Conn {
             queued: false,
             bytes_in: 0,
             bytes_out: 0,
+            reserved: 0,
+            dirty: false,
+            last_active: now,
+            half_closed_since: None,
+        }
+    }
+
+    /// Appends bytes from the channel to `pending` without writing: small
+    /// DATA frames are gathered and written once per dispatch.
+    pub fn buffer(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+    }
+
+    /// Notes a half-close (either direction) for the half-closed timeout.
+    pub fn note_half_close(&mut self, now: Instant) {
+        if (self.read_eof || self.peer_fin) && !self.is_done() {
+            self.half_closed_since.get_or_insert(now);
         }
     }
 

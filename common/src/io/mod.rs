@@ -3,6 +3,7 @@
 //! joins them to a session ([`mux`]).
 
 pub mod conn;
+pub mod limits;
 pub mod link;
 pub mod mux;
 pub mod slab;

@@ -1,33 +1,47 @@
 //! One channel's multiplexer: a [`Session`], its [`Link`], and the local
 //! sockets of the streams it carries. Both bridges use it; what differs is who
-//! creates streams (the guest's listeners, the host's service connects),
-//! which the caller does with [`Mux::add_conn`] and the `opened` list.
+//! creates streams: the guest's listeners call [`Mux::add_conn`], the host's
+//! [`Opener`] connects to the service a stream names.
 //!
 //! Back-pressure, sozu-style, but per stream:
 //! - channel → socket: DATA is written straight to the socket; the rest waits
 //!   in the stream's own buffer and credit comes back only as it is written,
-//!   so a slow socket closes only its own stream's window;
+//!   so a slow socket closes only its own stream's window. Small DATA frames
+//!   are gathered and written once per dispatch, so tiny frames cost a copy,
+//!   not a system call each;
 //! - socket → channel: a socket is read only while its stream has credit and
 //!   the session's transmit buffer is below its high-water mark. Readable
 //!   streams wait in a FIFO and get one read (one frame) per turn each, so a
 //!   busy stream cannot starve the others.
+//!
+//! Limits (host side, [`MuxConfig`]): bytes buffered per guest and
+//! descriptors for all guests ([`Budget`]), idle and half-closed stream
+//! timeouts, and at most [`STREAM_LOG_PER_SEC`] stream log lines a second.
+//!
+//! `streams.rs` holds the socket side (flush, read, timeouts, close).
+
+mod streams;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use mio::{Registry, Token};
 
-use super::conn::{Conn, Phase, Written};
+use super::conn::{Conn, Phase};
+use super::limits::{Budget, LogLimiter, StreamTimeouts};
 use super::link::{Link, LinkNews};
 use super::slab::Slab;
-use super::sock::{interrupted, would_block, Sock};
-use crate::proto::{Code, Event, Role, Session, StreamId};
+use super::sock::Sock;
+use crate::proto::{Code, Event, Session, StreamId};
 
-/// Reads from sockets per turn before the loop looks at other work.
-const READ_BUDGET: usize = 512;
 /// Rounds of read-channel / dispatch / write-channel per turn.
 const ROUNDS: usize = 8;
+/// DATA payloads smaller than this are gathered and written once per dispatch.
+const GATHER_BELOW: usize = 4096;
+/// Stream open/close lines logged per second per channel; the rest are counted.
+pub const STREAM_LOG_PER_SEC: u32 = 200;
 
 /// How the host side turns a stream the guest opened into a socket.
 pub trait Opener {
@@ -47,65 +61,110 @@ impl Opener for NoOpener {
     }
 }
 
+/// How a [`Mux`] is set up.
+#[derive(Debug)]
+pub struct MuxConfig {
+    /// Prefix of every log line: empty, or e.g. `guest vm1 org.qpid.vios.0: `.
+    pub label: String,
+    /// (host) Give up a service connect after this long.
+    pub connect_timeout: Duration,
+    pub budget: Arc<Budget>,
+    pub timeouts: StreamTimeouts,
+}
+
+impl MuxConfig {
+    /// No limits: the guest side, whose peer is the trusted host.
+    pub fn unlimited(label: String) -> MuxConfig {
+        MuxConfig {
+            label,
+            connect_timeout: Duration::from_secs(5),
+            budget: Arc::new(Budget::unlimited()),
+            timeouts: StreamTimeouts::default(),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Mux {
     pub session: Session,
     pub link: Link,
-    /// Prefix of every log line: empty, or e.g. `guest vm1 channel 0: `.
-    label: String,
+    cfg: MuxConfig,
     conns: Slab<Conn>,
     by_stream: HashMap<StreamId, usize>,
     ready: VecDeque<usize>,
+    /// Connections with gathered small DATA to write at the end of dispatch.
+    dirty: Vec<usize>,
     /// Token of the link; connection `k` has `token_base + 1 + k`.
     token_base: usize,
-    connect_timeout: Duration,
     /// Connects in progress in start order, hence in deadline order.
     connecting: VecDeque<(Instant, usize, StreamId)>,
+    /// When stream timeouts are next checked.
+    next_sweep: Option<Instant>,
+    log: LogLimiter,
 }
 
 impl Mux {
-    pub fn new(session: Session, link: Link, label: String, connect_timeout: Duration) -> Mux {
+    pub fn new(session: Session, link: Link, cfg: MuxConfig) -> Mux {
         let token_base = link.token().0;
         Mux {
             session,
             link,
-            label,
+            cfg,
             conns: Slab::default(),
             by_stream: HashMap::new(),
             ready: VecDeque::new(),
+            dirty: Vec::new(),
             token_base,
-            connect_timeout,
             connecting: VecDeque::new(),
+            next_sweep: None,
+            log: LogLimiter::new(STREAM_LOG_PER_SEC),
         }
     }
 
     pub fn label(&self) -> &str {
-        &self.label
+        &self.cfg.label
+    }
+
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.cfg.budget
     }
 
     pub fn conn_count(&self) -> usize {
         self.conns.len()
     }
 
-    /// Whether `token` belongs to this mux (tokens from `token_base` to
-    /// `token_base + span`).
-    pub fn owns(&self, token: Token, span: usize) -> bool {
-        token.0 >= self.token_base && token.0 - self.token_base < span
-    }
-
     /// Adds a stream's socket: a guest client (`Phase::Open`) or a host
-    /// connect in progress (`Phase::Connecting`).
+    /// connect in progress (`Phase::Connecting`). Fails when the descriptor
+    /// budget is spent or the socket cannot be registered.
     pub fn add_conn(&mut self, registry: &Registry, mut conn: Conn, now: Instant) -> std::io::Result<()> {
+        if !self.cfg.budget.try_fd() {
+            let max = self.cfg.budget.max_fds();
+            return Err(std::io::Error::other(format!(
+                "descriptor limit of {max} reached"
+            )));
+        }
         let stream = conn.stream;
         let phase = conn.phase;
-        let key = self.conns.insert_with(|key| {
-            let r = conn.sock.register(registry, Token(self.token_base + 1 + key));
+        let base = self.token_base;
+        let added = self.conns.insert_with(|key| {
+            let r = conn.sock.register(registry, Token(base + 1 + key));
             (conn, r)
-        })?;
+        });
+        let key = match added {
+            Ok(key) => key,
+            Err(e) => {
+                self.cfg.budget.release_fd();
+                return Err(e);
+            }
+        };
         self.by_stream.insert(stream, key);
         if phase == Phase::Connecting {
             self.connecting
-                .push_back((now + self.connect_timeout, key, stream));
+                .push_back((now + self.cfg.connect_timeout, key, stream));
+        }
+        let timeouts = self.cfg.timeouts;
+        if (timeouts.idle.is_some() || timeouts.half_closed.is_some()) && self.next_sweep.is_none() {
+            self.next_sweep = Some(now + streams::SWEEP_EVERY);
         }
         Ok(())
     }
@@ -146,10 +205,11 @@ impl Mux {
         let conn = self.conns.get_mut(key).expect("live key");
         conn.phase = Phase::Open;
         self.session.accept(conn.stream);
-        info!(
-            "{}stream {} ({}) connected to {}",
-            self.label, conn.stream, conn.service, conn.peer
+        let line = format!(
+            "stream {} ({}) connected to {}",
+            conn.stream, conn.service, conn.peer
         );
+        self.stream_log(&line);
     }
 
     /// Runs everything due: link and session timers, channel input, events,
@@ -163,12 +223,13 @@ impl Mux {
             self.session.handle_timeout(now);
         }
         self.expire_connects(now, registry);
+        self.sweep(now, registry);
         for _ in 0..ROUNDS {
             if let Some(news) = self.link.read(now, registry, &mut self.session) {
                 self.log_link(news);
             }
             self.dispatch(now, registry, opener);
-            self.serve_ready(registry);
+            self.serve_ready(now, registry);
             let before = self.session.poll_transmit().len();
             if let Some(news) = self.link.write(now, registry, &mut self.session) {
                 self.log_link(news);
@@ -183,19 +244,18 @@ impl Mux {
     }
 
     fn log_link(&self, news: LinkNews) {
-        let spec = self.link.spec();
+        let (label, spec) = (&self.cfg.label, self.link.spec());
         match news {
-            LinkNews::Connected => info!("{}channel {spec} connected", self.label),
+            LinkNews::Connected => info!("{label}channel {spec} connected"),
             LinkNews::Opened(path) => {
                 info!(
-                    "{}channel {spec} opened ({}); waiting for the host",
-                    self.label,
+                    "{label}channel {spec} opened ({}); waiting for the host",
                     path.display()
                 )
             }
-            LinkNews::HostPresent => info!("{}channel {spec}: host connected", self.label),
-            LinkNews::Lost(why) => warn!("{}channel {spec} lost: {why}", self.label),
-            LinkNews::HostAbsent => warn!("{}channel {spec}: host disconnected", self.label),
+            LinkNews::HostPresent => info!("{label}channel {spec}: host connected"),
+            LinkNews::Lost(why) => warn!("{label}channel {spec} lost: {why}"),
+            LinkNews::HostAbsent => warn!("{label}channel {spec}: host disconnected"),
             LinkNews::Failed {
                 error,
                 retry_in,
@@ -205,14 +265,26 @@ impl Mux {
                 // flood the log; loudly once a minute.
                 let ms = retry_in.as_millis();
                 if repeated {
-                    debug!("{}channel {spec}: {error}; retrying in {ms} ms", self.label);
+                    debug!("{label}channel {spec}: {error}; retrying in {ms} ms");
                 } else {
-                    warn!(
-                        "{}channel {spec}: {error}; retrying in {ms} ms (repeats logged at debug)",
-                        self.label
-                    );
+                    warn!("{label}channel {spec}: {error}; retrying in {ms} ms (repeats logged at debug)");
                 }
             }
+        }
+    }
+
+    /// Logs a stream line, within [`STREAM_LOG_PER_SEC`]: a guest opening and
+    /// closing streams in a loop cannot flood the log.
+    fn stream_log(&mut self, line: &str) {
+        let (allowed, dropped) = self.log.allow(Instant::now());
+        if let Some(n) = dropped {
+            warn!(
+                "{}{n} stream log lines suppressed in the last second",
+                self.cfg.label
+            );
+        }
+        if allowed {
+            info!("{}{line}", self.cfg.label);
         }
     }
 
@@ -228,44 +300,65 @@ impl Mux {
             self.link.poll_timeout(),
             self.session.poll_timeout(),
             self.connecting.front().map(|c| c.0),
+            self.next_sweep,
         ];
         t.into_iter().flatten().min()
     }
 
-    /// Handles session events until none is left.
+    /// Handles session events until none is left, then writes gathered DATA.
     fn dispatch(&mut self, now: Instant, registry: &Registry, opener: &mut dyn Opener) {
         while let Some(ev) = self.session.poll_event(now) {
-            let ev = match ev.into_owned() {
-                Ok(ev) => ev,
+            match ev.into_owned() {
+                Ok(ev) => self.on_event(ev, now, registry, opener),
                 Err((stream, bytes)) => {
                     let Some(&key) = self.by_stream.get(&stream) else {
-                        // The session knows a stream the mux has not added yet
-                        // or just dropped: nothing can take the bytes.
+                        // The session knows a stream the mux has not added or
+                        // just dropped: nothing can take the bytes.
                         continue;
                     };
                     let conn = self.conns.get_mut(key).expect("mapped key");
-                    let w = conn.deliver(bytes);
-                    self.after_write(key, stream, w, registry);
-                    continue;
+                    conn.last_active = now;
+                    if bytes.len() < GATHER_BELOW {
+                        conn.buffer(bytes);
+                        if !conn.dirty {
+                            conn.dirty = true;
+                            self.dirty.push(key);
+                        }
+                        self.settle(key, registry);
+                    } else {
+                        let w = conn.deliver(bytes);
+                        self.after_write(key, stream, w, registry);
+                    }
                 }
-            };
-            self.on_event(ev, now, registry, opener);
+            }
+        }
+        for key in std::mem::take(&mut self.dirty) {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.dirty = false;
+                self.flush_conn(key, registry);
+            }
         }
     }
 
     fn on_event(&mut self, ev: Event<'static>, now: Instant, registry: &Registry, opener: &mut dyn Opener) {
+        let label = self.cfg.label.clone();
         match ev {
             Event::Data { .. } => unreachable!("split off by dispatch"),
             Event::Established(info) => info!(
-                "{}session established (version {}, peer {:?}, session tag {:04x})",
-                self.label, info.version, info.peer_identity, info.tag
+                "{label}session established (version {}, peer {:?}, session tag {:04x})",
+                info.version, info.peer_identity, info.tag
             ),
             Event::Ended(reason) => {
                 let n = self.conns.len();
+                let stats = self.session.stats();
+                let counters = format!(
+                    "frames {}, stream violations {}, opens refused for rate {}, throttled {}x",
+                    stats.frames_in, stats.stream_violations, stats.opens_refused_for_rate, stats.throttled
+                );
                 if n > 0 || reason.is_failure() {
-                    warn!("{}session ended: {reason}; resetting {n} stream(s)", self.label);
+                    warn!("{label}session ended: {reason}; resetting {n} stream(s) ({counters})");
                 } else {
-                    info!("{}session ended: {reason}", self.label);
+                    info!("{label}session ended: {reason} ({counters})");
                 }
                 let why = format!("session ended: {reason}");
                 for key in self.conns.keys().collect::<Vec<_>>() {
@@ -276,20 +369,19 @@ impl Mux {
             }
             Event::Rejected { by_peer, code, text } => {
                 if by_peer {
-                    warn!("{}peer refused the handshake: {code}: {text}", self.label);
+                    warn!("{label}peer refused the handshake: {code}: {text}");
                 } else {
-                    warn!("{}refused the peer's handshake: {code}: {text}", self.label);
+                    warn!("{label}refused the peer's handshake: {code}: {text}");
                 }
             }
             Event::GoingAway { code, drain, text } => {
                 info!(
-                    "{}peer is going away ({code}: {text}); draining for {} ms",
-                    self.label,
+                    "{label}peer is going away ({code}: {text}); draining for {} ms",
                     drain.as_millis()
                 );
             }
             Event::Opened { stream, service } => self.opened(stream, service, now, registry, opener),
-            Event::Accepted { stream } => debug!("{}stream {stream} accepted", self.label),
+            Event::Accepted { stream } => debug!("{label}stream {stream} accepted"),
             Event::Refused {
                 stream,
                 code,
@@ -299,12 +391,14 @@ impl Mux {
                 if let Some(&key) = self.by_stream.get(&stream) {
                     self.drop_conn(key, registry, &format!("refused by host: {code}: {text}"), false);
                 } else if !by_peer {
-                    info!("{}stream {stream} refused: {code}: {text}", self.label);
+                    self.stream_log(&format!("stream {stream} refused: {code}: {text}"));
                 }
             }
             Event::Finished { stream } => {
                 if let Some(&key) = self.by_stream.get(&stream) {
-                    self.conns.get_mut(key).expect("mapped key").peer_fin = true;
+                    let conn = self.conns.get_mut(key).expect("mapped key");
+                    conn.peer_fin = true;
+                    conn.note_half_close(now);
                     self.flush_conn(key, registry);
                 }
             }
@@ -341,148 +435,30 @@ impl Mux {
         registry: &Registry,
         opener: &mut dyn Opener,
     ) {
+        if !self.cfg.budget.fd_available() {
+            let text = format!("descriptor limit of {} reached", self.cfg.budget.max_fds());
+            self.stream_log(&format!(
+                "stream {stream} ({service}) refused: RESOURCE_LIMIT: {text}"
+            ));
+            self.session.refuse(stream, Code::ResourceLimit, &text);
+            return;
+        }
         let (sock, peer) = match opener.open(stream, &service) {
             Ok(s) => s,
             Err((code, text)) => {
-                info!(
-                    "{}stream {stream} ({service}) refused: {code}: {text}",
-                    self.label
-                );
+                self.stream_log(&format!("stream {stream} ({service}) refused: {code}: {text}"));
                 self.session.refuse(stream, code, &text);
                 return;
             }
         };
-        let conn = Conn::new(stream, service, peer, sock, Phase::Connecting, now);
+        let conn = Conn::new(stream, service.clone(), peer, sock, Phase::Connecting, now);
         if let Err(e) = self.add_conn(registry, conn, now) {
-            let text = format!("cannot register socket: {e}");
-            warn!("{}stream {stream} refused: {text}", self.label);
+            let text = format!("cannot add the socket: {e}");
+            self.stream_log(&format!(
+                "stream {stream} ({service}) refused: RESOURCE_LIMIT: {text}"
+            ));
             self.session.refuse(stream, Code::ResourceLimit, &text);
         }
-    }
-
-    /// Writes a connection's pending bytes (and half-close) and settles the result.
-    fn flush_conn(&mut self, key: usize, registry: &Registry) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let stream = conn.stream;
-        let w = conn.flush();
-        self.after_write(key, stream, w, registry);
-    }
-
-    fn after_write(&mut self, key: usize, stream: StreamId, w: Written, registry: &Registry) {
-        if w.n > 0 {
-            self.session.consumed(stream, w.n);
-        }
-        if let Some(e) = w.error {
-            let peer = self.conns.get(key).map_or("", |c| c.peer.as_str());
-            let why = socket_failure("write", &e, peer);
-            self.session.reset(stream, Code::Aborted, &why);
-            self.drop_conn(key, registry, &why, false);
-            return;
-        }
-        let conn = self.conns.get_mut(key).expect("live key");
-        if conn.is_done() {
-            self.drop_conn(key, registry, "finished", true);
-        }
-    }
-
-    fn enqueue(&mut self, key: usize) {
-        if let Some(conn) = self.conns.get_mut(key) {
-            if !conn.queued && conn.readable && !conn.read_eof && conn.phase == Phase::Open {
-                conn.queued = true;
-                self.ready.push_back(key);
-            }
-        }
-    }
-
-    /// Reads readable sockets into DATA frames, one read per stream per pass.
-    fn serve_ready(&mut self, registry: &Registry) {
-        let mut budget = READ_BUDGET;
-        while budget > 0 && self.session.can_send_data() {
-            let Some(key) = self.ready.pop_front() else {
-                break;
-            };
-            budget -= 1;
-            let Some(conn) = self.conns.get_mut(key) else {
-                continue;
-            };
-            conn.queued = false;
-            if !conn.readable || conn.read_eof {
-                continue;
-            }
-            let stream = conn.stream;
-            // No space: no credit yet (an Event::Credit requeues the stream).
-            let Some(space) = self.session.send_space(stream) else {
-                continue;
-            };
-            let r = conn.sock.read(space);
-            let n = *r.as_ref().unwrap_or(&0);
-            self.session.send_commit(stream, n);
-            match r {
-                Ok(0) => {
-                    conn.read_eof = true;
-                    self.session.finish(stream);
-                    if conn.is_done() {
-                        self.drop_conn(key, registry, "finished", true);
-                    }
-                }
-                Ok(n) => {
-                    conn.bytes_in += n as u64;
-                    self.enqueue(key);
-                }
-                Err(e) if would_block(&e) => conn.readable = false,
-                Err(e) if interrupted(&e) => self.enqueue(key),
-                Err(e) => {
-                    let why = socket_failure("read", &e, &conn.peer);
-                    self.session.reset(stream, Code::Aborted, &why);
-                    self.drop_conn(key, registry, &why, false);
-                }
-            }
-        }
-    }
-
-    fn expire_connects(&mut self, now: Instant, registry: &Registry) {
-        while let Some(&(deadline, key, stream)) = self.connecting.front() {
-            if now < deadline {
-                break;
-            }
-            self.connecting.pop_front();
-            let still = self
-                .conns
-                .get(key)
-                .is_some_and(|c| c.stream == stream && c.phase == Phase::Connecting);
-            if still {
-                let conn = self.conns.get(key).expect("checked");
-                let text = format!(
-                    "connect to {}: timed out after {} ms",
-                    conn.peer,
-                    self.connect_timeout.as_millis()
-                );
-                self.session.refuse(stream, Code::Unreachable, &text);
-                self.drop_conn(key, registry, &format!("refused: {text}"), false);
-            }
-        }
-    }
-
-    /// Removes a connection and logs its one closing line.
-    fn drop_conn(&mut self, key: usize, registry: &Registry, why: &str, clean: bool) {
-        let Some(conn) = self.conns.remove(key) else {
-            return;
-        };
-        self.by_stream.remove(&conn.stream);
-        let secs = conn.opened.elapsed().as_secs_f64();
-        let (bin, bout) = (conn.bytes_in, conn.bytes_out);
-        let (stream, service, peer) = (conn.stream, conn.service.clone(), conn.peer.clone());
-        conn.close(registry, clean);
-        let flow = match self.session.config().role {
-            Role::Guest => format!("{bin} B from client, {bout} B to client"),
-            Role::Host => format!("{bout} B to {peer}, {bin} B from it"),
-        };
-        info!(
-            "{}stream {stream} ({service}) closed: {why}; {flow}; {secs:.3} s",
-            self.label
-        );
     }
 
     /// Stops for good: GOAWAY now; the caller calls [`Mux::finish_shutdown`]
@@ -503,16 +479,5 @@ impl Mux {
         self.dispatch(now, registry, &mut NoOpener);
         let _ = self.link.write(now, registry, &mut self.session);
         self.link.close(registry);
-    }
-}
-
-/// Why a socket failed, in words for the log and the RESET text.
-fn socket_failure(op: &str, e: &std::io::Error, peer: &str) -> String {
-    match e.kind() {
-        std::io::ErrorKind::ConnectionReset => format!("{peer} reset the connection"),
-        std::io::ErrorKind::BrokenPipe => {
-            format!("{peer} closed the connection while data was due")
-        }
-        _ => format!("{op} failed: {e}"),
     }
 }

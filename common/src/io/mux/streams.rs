@@ -1,0 +1,210 @@
+//! The socket side of a [`Mux`]: writing what the channel delivered, reading
+//! what the channel should carry, the buffer budget, timeouts, and the one
+//! closing line per stream.
+
+use std::time::{Duration, Instant};
+
+use mio::Registry;
+
+use super::Mux;
+use crate::io::conn::{Phase, Written};
+use crate::io::sock::{interrupted, would_block};
+use crate::proto::{Code, Role, StreamId};
+
+/// Reads from sockets per turn before the loop looks at other work.
+const READ_BUDGET: usize = 512;
+/// How often stream timeouts are checked.
+pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+impl Mux {
+    /// Writes a connection's pending bytes (and half-close) and settles the result.
+    pub(super) fn flush_conn(&mut self, key: usize, registry: &Registry) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let stream = conn.stream;
+        let w = conn.flush();
+        self.after_write(key, stream, w, registry);
+    }
+
+    pub(super) fn after_write(&mut self, key: usize, stream: StreamId, w: Written, registry: &Registry) {
+        if w.n > 0 {
+            self.session.consumed(stream, w.n);
+        }
+        if let Some(e) = w.error {
+            let peer = self.conns.get(key).map_or("", |c| c.peer.as_str());
+            let why = socket_failure("write", &e, peer);
+            self.session.reset(stream, Code::Aborted, &why);
+            self.drop_conn(key, registry, &why, false);
+            return;
+        }
+        if !self.settle(key, registry) {
+            return;
+        }
+        let conn = self.conns.get_mut(key).expect("live key");
+        if conn.is_done() {
+            self.drop_conn(key, registry, "finished", true);
+        }
+    }
+
+    /// Brings the connection's share of the buffer budget in line with what
+    /// it holds. A stream that would pass the guest's budget is reset; returns
+    /// whether the connection is still there.
+    pub(super) fn settle(&mut self, key: usize, registry: &Registry) -> bool {
+        let budget = self.cfg.budget.clone();
+        let conn = self.conns.get_mut(key).expect("live key");
+        let held = conn.pending_len();
+        if held < conn.reserved {
+            budget.release_buffer(conn.reserved - held);
+            conn.reserved = held;
+        } else if held > conn.reserved {
+            if !budget.try_buffer(held - conn.reserved) {
+                let stream = conn.stream;
+                let text = format!("guest buffer limit of {} bytes reached", budget.max_buffered());
+                self.session.reset(stream, Code::ResourceLimit, &text);
+                self.drop_conn(key, registry, &format!("reset: RESOURCE_LIMIT: {text}"), false);
+                return false;
+            }
+            conn.reserved = held;
+        }
+        true
+    }
+
+    pub(super) fn enqueue(&mut self, key: usize) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.queued && conn.readable && !conn.read_eof && conn.phase == Phase::Open {
+                conn.queued = true;
+                self.ready.push_back(key);
+            }
+        }
+    }
+
+    /// Reads readable sockets into DATA frames, one read per stream per pass.
+    pub(super) fn serve_ready(&mut self, now: Instant, registry: &Registry) {
+        let mut budget = READ_BUDGET;
+        while budget > 0 && self.session.can_send_data() {
+            let Some(key) = self.ready.pop_front() else {
+                break;
+            };
+            budget -= 1;
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            conn.queued = false;
+            if !conn.readable || conn.read_eof {
+                continue;
+            }
+            let stream = conn.stream;
+            // No space: no credit yet (an Event::Credit requeues the stream).
+            let Some(space) = self.session.send_space(stream) else {
+                continue;
+            };
+            let r = conn.sock.read(space);
+            let n = *r.as_ref().unwrap_or(&0);
+            self.session.send_commit(stream, n);
+            match r {
+                Ok(0) => {
+                    conn.read_eof = true;
+                    conn.note_half_close(now);
+                    self.session.finish(stream);
+                    if conn.is_done() {
+                        self.drop_conn(key, registry, "finished", true);
+                    }
+                }
+                Ok(n) => {
+                    conn.bytes_in += n as u64;
+                    conn.last_active = now;
+                    self.enqueue(key);
+                }
+                Err(e) if would_block(&e) => conn.readable = false,
+                Err(e) if interrupted(&e) => self.enqueue(key),
+                Err(e) => {
+                    let why = socket_failure("read", &e, &conn.peer);
+                    self.session.reset(stream, Code::Aborted, &why);
+                    self.drop_conn(key, registry, &why, false);
+                }
+            }
+        }
+    }
+
+    pub(super) fn expire_connects(&mut self, now: Instant, registry: &Registry) {
+        while let Some(&(deadline, key, stream)) = self.connecting.front() {
+            if now < deadline {
+                break;
+            }
+            self.connecting.pop_front();
+            let Some(conn) = self.conns.get(key) else { continue };
+            if conn.stream == stream && conn.phase == Phase::Connecting {
+                let ms = self.cfg.connect_timeout.as_millis();
+                let text = format!("connect to {}: timed out after {ms} ms", conn.peer);
+                self.session.refuse(stream, Code::Unreachable, &text);
+                self.drop_conn(key, registry, &format!("refused: {text}"), false);
+            }
+        }
+    }
+
+    /// Resets streams that made no progress for the idle timeout, or stayed
+    /// half-closed for the half-closed timeout.
+    pub(super) fn sweep(&mut self, now: Instant, registry: &Registry) {
+        if self.next_sweep.is_none_or(|t| now < t) {
+            return;
+        }
+        self.next_sweep = (!self.conns.is_empty()).then_some(now + SWEEP_EVERY);
+        let t = self.cfg.timeouts;
+        let mut expired = Vec::new();
+        for key in self.conns.keys() {
+            let c = self.conns.get(key).expect("listed");
+            if c.phase != Phase::Open {
+                continue;
+            }
+            if let Some(limit) = t.half_closed {
+                if c.half_closed_since
+                    .is_some_and(|s| now.duration_since(s) >= limit)
+                {
+                    expired.push((key, format!("half-closed for {} s", limit.as_secs())));
+                    continue;
+                }
+            }
+            if let Some(limit) = t.idle {
+                if now.duration_since(c.last_active) >= limit {
+                    expired.push((key, format!("idle for {} s", limit.as_secs())));
+                }
+            }
+        }
+        for (key, why) in expired {
+            let stream = self.conns.get(key).expect("listed").stream;
+            self.session.reset(stream, Code::Timeout, &why);
+            self.drop_conn(key, registry, &format!("reset: TIMEOUT: {why}"), false);
+        }
+    }
+
+    /// Removes a connection, frees what it held, and logs its closing line.
+    pub(super) fn drop_conn(&mut self, key: usize, registry: &Registry, why: &str, clean: bool) {
+        let Some(conn) = self.conns.remove(key) else {
+            return;
+        };
+        self.by_stream.remove(&conn.stream);
+        self.cfg.budget.release_buffer(conn.reserved);
+        self.cfg.budget.release_fd();
+        let secs = conn.opened.elapsed().as_secs_f64();
+        let (bin, bout) = (conn.bytes_in, conn.bytes_out);
+        let (stream, service, peer) = (conn.stream, conn.service.clone(), conn.peer.clone());
+        conn.close(registry, clean);
+        let flow = match self.session.config().role {
+            Role::Guest => format!("{bin} B from client, {bout} B to client"),
+            Role::Host => format!("{bout} B to {peer}, {bin} B from it"),
+        };
+        self.stream_log(&format!(
+            "stream {stream} ({service}) closed: {why}; {flow}; {secs:.3} s"
+        ));
+    }
+}
+
+/// Why a socket failed, in words for the log and the RESET text.
+fn socket_failure(op: &str, e: &std::io::Error, peer: &str) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset => format!("{peer} reset the connection"),
+        std::io::ErrorKind::BrokenPipe => format!("{peer} closed the connection while data was due"),
+        _ => format!("{op} failed: {e}"),
+    }
+}
