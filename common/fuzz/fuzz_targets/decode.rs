@@ -54,7 +54,11 @@ fn decode_loop(input: &[u8], tag: u16, max_data: usize) {
                 assert_eq!(rest[0], HELLO_TYPE, "Hello reported without its first byte");
                 match Hello::parse(rest) {
                     HelloParse::Valid(_, len) => {
-                        assert!(len <= rest.len(), "HELLO of {len} bytes from {} bytes", rest.len());
+                        assert!(
+                            len <= rest.len(),
+                            "HELLO of {len} bytes from {} bytes",
+                            rest.len()
+                        );
                         pos += len;
                     }
                     HelloParse::Incomplete => break,
@@ -79,26 +83,47 @@ fn check_frame(input: &[u8], f: &Frame<'_>, len: usize, tag: u16, max_data: usiz
         "frame of {len} bytes decoded from {} bytes of input",
         input.len()
     );
-    assert!(len >= FRAME_OVERHEAD, "frame of {len} bytes is shorter than its header and trailer");
-    assert_eq!(len, f.encoded_len(), "decoded length differs from encoded_len() for {f:?}");
+    assert!(
+        len >= FRAME_OVERHEAD,
+        "frame of {len} bytes is shorter than its header and trailer"
+    );
+    assert_eq!(
+        len,
+        f.encoded_len(),
+        "decoded length differs from encoded_len() for {f:?}"
+    );
     let payload = f.payload_len();
     match f {
         Frame::Data { payload: p, .. } => {
             assert!(!p.is_empty(), "empty DATA accepted");
-            assert!(payload <= max_data, "DATA of {payload} bytes with max_data {max_data}");
+            assert!(
+                payload <= max_data,
+                "DATA of {payload} bytes with max_data {max_data}"
+            );
         }
-        _ => assert!(payload <= MAX_CONTROL_PAYLOAD, "control frame of {payload} bytes: {f:?}"),
+        _ => assert!(
+            payload <= MAX_CONTROL_PAYLOAD,
+            "control frame of {payload} bytes: {f:?}"
+        ),
     }
     // Header and trailer are fully determined by the frame and the tag, so
     // re-encoding must give back exactly the consumed bytes.
     let mut again = vec![0u8; f.encoded_len()];
     f.encode(tag, &mut again);
-    assert_eq!(&again[..], &input[..len], "re-encoding {f:?} differs from its input");
+    assert_eq!(
+        &again[..],
+        &input[..len],
+        "re-encoding {f:?} differs from its input"
+    );
     // A frame is delivered only once complete: every proper prefix waits.
     for cut in [1, HEADER_LEN - 1, HEADER_LEN, len - 1] {
         if cut < len {
             let r = frame::decode(&input[..cut], tag, max_data);
-            assert_eq!(r, Ok(Decoded::Incomplete), "prefix of {cut} of a {len}-byte frame");
+            assert_eq!(
+                r,
+                Ok(Decoded::Incomplete),
+                "prefix of {cut} of a {len}-byte frame"
+            );
         }
     }
 }
@@ -111,8 +136,15 @@ fn check_incomplete(input: &[u8], max_data: usize) {
         return;
     }
     let len = u32::from_be_bytes(input[4..8].try_into().unwrap()) as usize;
-    let max = if input[0] == 0 { max_data } else { MAX_CONTROL_PAYLOAD };
-    assert!(len <= max, "waiting for a {len}-byte payload over the limit {max}");
+    let max = if input[0] == 0 {
+        max_data
+    } else {
+        MAX_CONTROL_PAYLOAD
+    };
+    assert!(
+        len <= max,
+        "waiting for a {len}-byte payload over the limit {max}"
+    );
     assert!(
         input.len() < FRAME_OVERHEAD + len,
         "Incomplete with {} bytes for a {}-byte frame",
@@ -124,9 +156,16 @@ fn check_incomplete(input: &[u8], max_data: usize) {
 fn check_hello(input: &[u8]) {
     match Hello::parse(input) {
         HelloParse::Valid(h, len) => {
-            assert!(len <= input.len(), "HELLO of {len} bytes from {} bytes", input.len());
+            assert!(
+                len <= input.len(),
+                "HELLO of {len} bytes from {} bytes",
+                input.len()
+            );
             assert!(len <= MAX_HELLO_LEN, "HELLO of {len} bytes");
-            assert!(len >= h.encoded_len() - h.text.len(), "HELLO shorter than its fixed part");
+            assert!(
+                len >= h.encoded_len() - h.text.len(),
+                "HELLO shorter than its fixed part"
+            );
             assert_eq!(&input[..MAGIC.len()], &MAGIC[..]);
             assert_ne!(h.nonce, [0; 16], "zero nonce accepted");
             // Lossy UTF-8 decoding can lengthen the text past what encode
@@ -136,13 +175,25 @@ fn check_hello(input: &[u8]) {
                 h.encode(&mut enc);
                 assert_eq!(enc.len(), h.encoded_len());
                 let n = enc.len();
-                assert_eq!(Hello::parse(&enc), HelloParse::Valid(h, n), "HELLO does not round-trip");
+                assert_eq!(
+                    Hello::parse(&enc),
+                    HelloParse::Valid(h, n),
+                    "HELLO does not round-trip"
+                );
             }
         }
         HelloParse::Incomplete => {
             let have = input.len().min(MAGIC.len());
-            assert_eq!(&input[..have], &MAGIC[..have], "Incomplete HELLO without its magic");
-            assert!(input.len() < MAX_HELLO_LEN, "Incomplete HELLO after {} bytes", input.len());
+            assert_eq!(
+                &input[..have],
+                &MAGIC[..have],
+                "Incomplete HELLO without its magic"
+            );
+            assert!(
+                input.len() < MAX_HELLO_LEN,
+                "Incomplete HELLO after {} bytes",
+                input.len()
+            );
         }
         HelloParse::Invalid(_) => {}
     }

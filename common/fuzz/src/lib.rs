@@ -321,6 +321,22 @@ pub struct Harness {
     host_nonce: Option<Nonce>,
     last_ping: Option<[u8; 8]>,
     guest_streams: Vec<StreamId>,
+    /// What happened, for the seed generator's summary.
+    pub counts: Counts,
+}
+
+/// Host events seen during a run.
+#[derive(Clone, Debug, Default)]
+pub struct Counts {
+    pub established: u32,
+    pub ended: u32,
+    pub rejected: u32,
+    pub opened: u32,
+    pub refused: u32,
+    pub data_bytes: u64,
+    pub finished: u32,
+    pub resets: u32,
+    pub credits: u32,
 }
 
 impl Harness {
@@ -349,6 +365,7 @@ impl Harness {
             host_nonce: None,
             last_ping: None,
             guest_streams: Vec::new(),
+            counts: Counts::default(),
         };
         h.host.link_up(h.now);
         if setup.mode & 1 != 0 {
@@ -415,7 +432,11 @@ impl Harness {
             Op::Pump => self.pump(),
             Op::Drain { n } => {
                 let pending = self.host.poll_transmit().len();
-                let n = if *n == 0 { pending } else { (*n as usize).min(pending) };
+                let n = if *n == 0 {
+                    pending
+                } else {
+                    (*n as usize).min(pending)
+                };
                 let out = self.host.poll_transmit()[..n].to_vec();
                 self.observe(&out);
                 self.host.advance_transmit(n);
@@ -476,14 +497,14 @@ impl Harness {
             }
             Op::GoAway { code, drain_ms } => {
                 let drain = Duration::from_millis(u64::from(*drain_ms));
-                self.host.go_away(Code::from_u16(*code), drain, "fuzz goaway", now);
+                self.host
+                    .go_away(Code::from_u16(*code), drain, "fuzz goaway", now);
             }
             Op::LinkDown => self.host.link_down(now),
             Op::LinkUp => self.host.link_up(now),
-            Op::Shutdown { grace_ms } => {
-                self.host
-                    .shutdown(Duration::from_millis(u64::from(*grace_ms)), now)
-            }
+            Op::Shutdown { grace_ms } => self
+                .host
+                .shutdown(Duration::from_millis(u64::from(*grace_ms)), now),
             Op::Close => self.host.close(now),
         }
     }
@@ -496,7 +517,11 @@ impl Harness {
         self.poll_guest();
         // A deadline left in the past would make an event loop spin.
         if let Some(t) = self.host.poll_timeout() {
-            assert!(t > now, "poll_timeout {:?} in the past after handle_timeout", now - t);
+            assert!(
+                t > now,
+                "poll_timeout {:?} in the past after handle_timeout",
+                now - t
+            );
         }
     }
 
@@ -518,7 +543,11 @@ impl Harness {
             FrameOp::Accept { stream } => Frame::Accept {
                 stream: self.sid(stream),
             },
-            FrameOp::Refuse { stream, code, text: t } => {
+            FrameOp::Refuse {
+                stream,
+                code,
+                text: t,
+            } => {
                 reason = text(*t);
                 Frame::Refuse {
                     stream: self.sid(stream),
@@ -533,7 +562,11 @@ impl Harness {
             FrameOp::Fin { stream } => Frame::Fin {
                 stream: self.sid(stream),
             },
-            FrameOp::Reset { stream, code, text: t } => {
+            FrameOp::Reset {
+                stream,
+                code,
+                text: t,
+            } => {
                 reason = text(*t);
                 Frame::Reset {
                     stream: self.sid(stream),
@@ -644,7 +677,8 @@ impl Harness {
             }
             GuestOp::GoAway { code, drain_ms } => {
                 let drain = Duration::from_millis(u64::from(*drain_ms));
-                self.guest.go_away(Code::from_u16(*code), drain, "guest goaway", now);
+                self.guest
+                    .go_away(Code::from_u16(*code), drain, "guest goaway", now);
             }
             GuestOp::Restart => {
                 self.guest.link_down(now);
@@ -785,11 +819,15 @@ impl Harness {
             "DATA event of {n} bytes, max frame payload {}",
             self.max_frame
         );
+        self.counts.data_bytes += n as u64;
         let window = self.window;
         let Some(s) = self.live.get_mut(&stream) else {
             panic!("DATA event for stream {stream}, which the host never reported open (or already gone)");
         };
-        assert!(!s.remote_fin, "DATA event for stream {stream} after its Finished event");
+        assert!(
+            !s.remote_fin,
+            "DATA event for stream {stream} after its Finished event"
+        );
         s.held += n as u64;
         assert!(
             s.held <= u64::from(window),
@@ -805,20 +843,28 @@ impl Harness {
     fn on_event(&mut self, ev: Event<'static>) {
         match ev {
             Event::Established(info) => {
+                self.counts.established += 1;
                 assert!(self.live.is_empty(), "Established with streams still live");
                 assert_eq!(self.host.stream_count(), 0, "new session starts with streams");
                 self.tag = info.tag;
                 self.highest = 0;
             }
             Event::Ended(_) => {
-                assert_eq!(self.host.stream_count(), 0, "streams survive the end of the session");
+                self.counts.ended += 1;
+                assert_eq!(
+                    self.host.stream_count(),
+                    0,
+                    "streams survive the end of the session"
+                );
                 self.live.clear();
                 self.highest = 0;
             }
             Event::Rejected { .. } => {
+                self.counts.rejected += 1;
                 assert!(self.live.is_empty(), "handshake rejected while streams are live");
             }
             Event::Opened { stream, service } => {
+                self.counts.opened += 1;
                 assert!(
                     frame::check_service_name(service.as_bytes()).is_ok(),
                     "Opened with bad service name {service:?}"
@@ -835,6 +881,7 @@ impl Harness {
                 );
             }
             Event::Refused { stream, by_peer, .. } => {
+                self.counts.refused += 1;
                 assert!(!by_peer, "the host was refused a stream it cannot open");
                 assert_eq!(stream.0, self.highest + 1, "Refused out of order");
                 self.highest = stream.0;
@@ -842,6 +889,7 @@ impl Harness {
             Event::Accepted { stream } => panic!("host got Accepted for stream {stream}"),
             Event::Data { .. } => unreachable!("split off by into_owned"),
             Event::Finished { stream } => {
+                self.counts.finished += 1;
                 let s = self
                     .live
                     .get_mut(&stream)
@@ -853,13 +901,18 @@ impl Harness {
                 }
             }
             Event::Reset { stream, .. } => {
+                self.counts.resets += 1;
                 assert!(
                     self.live.remove(&stream).is_some(),
                     "Reset for unknown stream {stream}"
                 );
             }
             Event::Credit { stream } => {
-                assert!(self.live.contains_key(&stream), "Credit for unknown stream {stream}");
+                self.counts.credits += 1;
+                assert!(
+                    self.live.contains_key(&stream),
+                    "Credit for unknown stream {stream}"
+                );
             }
             Event::GoingAway { .. } => {}
         }
@@ -896,7 +949,8 @@ impl Harness {
 }
 
 /// The `session` fuzz target's body.
-pub fn run(input: &Input) {
+pub fn run(input: &Input) -> Counts {
     let mut h = Harness::new(&input.setup);
     h.run(&input.ops);
+    h.counts
 }

@@ -37,6 +37,11 @@ impl RxBuf {
         self.start == self.end
     }
 
+    /// No room to read into, even after compaction.
+    pub fn is_full(&self) -> bool {
+        self.end - self.start == self.buf.len()
+    }
+
     /// Free space to read into; empty only when the buffer is full.
     pub fn space(&mut self) -> &mut [u8] {
         if self.start == self.end {

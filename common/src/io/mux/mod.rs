@@ -289,7 +289,7 @@ impl Mux {
     }
 
     fn has_work(&self) -> bool {
-        let channel_input = self.link.may_read();
+        let channel_input = self.link.may_read() && self.session.can_receive();
         let stream_input = !self.ready.is_empty() && self.session.can_send_data();
         channel_input || stream_input
     }

@@ -253,10 +253,21 @@ impl Session {
     /// now: the input buffer is full, or replies are backed up because the
     /// peer does not read (stop reading until they are written).
     pub fn recv_space(&mut self) -> &mut [u8] {
-        if self.replies_backed_up() || self.throttled_until.is_some() {
+        if !self.can_receive() {
             return &mut [];
         }
         self.rx.space()
+    }
+
+    /// Whether [`Session::recv_space`] would offer room: false while replies
+    /// are backed up, while throttled, while holding off after failures (the
+    /// channel is then not read at all, so a peer that floods it is blocked by
+    /// the channel itself), and when the input buffer is full.
+    pub fn can_receive(&self) -> bool {
+        !(self.replies_backed_up()
+            || self.throttled_until.is_some()
+            || matches!(self.state, State::Hold { .. })
+            || self.rx.is_full())
     }
 
     /// `n` bytes were read into [`Session::recv_space`].
