@@ -18,6 +18,7 @@ use arbitrary::{Arbitrary, Result, Unstructured};
 use vios_common::proto::code::Code;
 use vios_common::proto::frame::{self, Frame, FrameType, StreamId, FRAME_OVERHEAD, HEADER_LEN};
 use vios_common::proto::hello::{self, Hello, HelloParse, Limits, Nonce, Role};
+use vios_common::proto::session::Policy;
 use vios_common::proto::{Config, Event, Session};
 
 /// `poll_transmit()` must never hold more than this, whatever the input.
@@ -121,7 +122,8 @@ fuzz_struct! {
     /// The host's configuration and how the run starts.
     pub struct Setup {
         /// Bit 0: complete a handshake with the in-memory guest first. Bit 1:
-        /// the host passes DATA on (`consumed`) as soon as it arrives.
+        /// the host passes DATA on (`consumed`) as soon as it arrives. Bit 2:
+        /// tight rate limits (see [`tight_policy`]) instead of the defaults.
         pub mode: u8,
         /// The host's max streams: `1 + max_streams % 8`.
         pub max_streams: u8,
@@ -277,6 +279,17 @@ impl Input {
     }
 }
 
+/// Rate limits small enough for a short fuzz input to reach.
+pub fn tight_policy() -> Policy {
+    Policy {
+        control_rate: 20,
+        frame_rate: 50,
+        open_rate: 4,
+        open_burst: 3,
+        violations_per_10s: 5,
+    }
+}
+
 const SERVICES: [&str; 4] = [
     "amqp",
     "a",
@@ -347,6 +360,9 @@ impl Harness {
         cfg.limits.max_frame_payload = [1024, 4096, 65536][usize::from(setup.frame % 3)];
         cfg.limits.idle_timeout_ms = [1000, 15_000, 60_000][usize::from(setup.idle % 3)];
         cfg.tx_high_water = [1024, 16 * 1024, 256 * 1024][usize::from(setup.high_water % 3)];
+        if setup.mode & 4 != 0 {
+            cfg.policy = tight_policy();
+        }
         assert!(cfg.limits.check().is_ok());
         // Mirrors Config::rx_capacity, which is private.
         let rx_capacity = (2 * (cfg.limits.max_frame_payload as usize + FRAME_OVERHEAD)).max(256 * 1024);

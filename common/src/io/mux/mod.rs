@@ -41,7 +41,7 @@ const ROUNDS: usize = 8;
 /// DATA payloads smaller than this are gathered and written once per dispatch.
 const GATHER_BELOW: usize = 4096;
 /// Stream open/close lines logged per second per channel; the rest are counted.
-pub const STREAM_LOG_PER_SEC: u32 = 200;
+pub const STREAM_LOG_PER_SEC: u32 = 1000;
 
 /// How the host side turns a stream the guest opened into a socket.
 pub trait Opener {
