@@ -31,13 +31,6 @@ impl Json {
         self
     }
 
-    pub fn opt_u64(&mut self, k: &str, v: Option<u64>) -> &mut Self {
-        match v {
-            Some(v) => self.u64(k, v),
-            None => self.null(k),
-        }
-    }
-
     pub fn opt_str(&mut self, k: &str, v: Option<&str>) -> &mut Self {
         match v {
             Some(v) => self.str(k, v),
