@@ -148,6 +148,12 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", env = "VIOS_HALF_CLOSED_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub half_closed_timeout: Duration,
 
+    /// End a session when bytes wait for the guest and it has read none for
+    /// this long (a guest that pings or grants credit but never drains its
+    /// channel). 0: never.
+    #[arg(long, value_name = "DURATION", env = "VIOS_WRITE_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub write_stall_timeout: Duration,
+
     /// A HELLO that takes longer than this to arrive is discarded.
     #[arg(long, value_name = "DURATION", env = "VIOS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,

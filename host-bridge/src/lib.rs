@@ -79,6 +79,7 @@ pub fn run(cli: Cli) -> io::Result<()> {
             idle: (!cli.stream_idle_timeout.is_zero()).then_some(cli.stream_idle_timeout),
             half_closed: (!cli.half_closed_timeout.is_zero()).then_some(cli.half_closed_timeout),
         },
+        write_stall: (!cli.write_stall_timeout.is_zero()).then_some(cli.write_stall_timeout),
     });
     info!(
         "limits per guest: {} streams, {} bytes buffered; {} stream sockets in all",

@@ -45,6 +45,8 @@ pub struct Settings {
     pub fds: Arc<AtomicUsize>,
     pub max_fds: usize,
     pub timeouts: StreamTimeouts,
+    /// End a session whose guest reads nothing for this long.
+    pub write_stall: Option<Duration>,
 }
 
 /// What the supervisor tells a worker.
@@ -165,6 +167,7 @@ impl Worker {
                 connect_timeout: self.settings.connect_timeout,
                 budget: self.budget.clone(),
                 timeouts: self.settings.timeouts,
+                write_stall: self.settings.write_stall,
             };
             self.slots[i] = Some(Mux::new(session, link, cfg));
         }

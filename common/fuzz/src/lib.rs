@@ -135,6 +135,9 @@ fuzz_struct! {
         pub high_water: u8,
         /// The host's idle timeout: 1 s, 15 s (the default) or 60 s.
         pub idle: u8,
+        /// The in-memory guest's initial window (what the host may send on
+        /// a stream before CREDIT): `1 + guest_window`.
+        pub guest_window: u16,
     }
 }
 
@@ -182,7 +185,8 @@ fuzz_struct! {
         pub max_version: u8,
         /// Bit 0: REFUSE.
         pub flags: u8,
-        /// 0: valid limits (the reference defaults); otherwise the raw values below.
+        /// 0: the reference defaults; 1: small valid limits from the values
+        /// below; otherwise the raw values below (mostly out of range).
         pub raw_limits: u8,
         pub max_frame_payload: u32,
         pub initial_window: u32,
@@ -364,6 +368,8 @@ impl Harness {
             cfg.policy = tight_policy();
         }
         assert!(cfg.limits.check().is_ok());
+        let mut guest_cfg = Config::new(Role::Guest, "vios-guest-bridge fuzz");
+        guest_cfg.limits.initial_window = 1 + u32::from(setup.guest_window);
         // Mirrors Config::rx_capacity, which is private.
         let rx_capacity = (2 * (cfg.limits.max_frame_payload as usize + FRAME_OVERHEAD)).max(256 * 1024);
         let mut h = Harness {
@@ -373,7 +379,7 @@ impl Harness {
             max_frame: cfg.limits.max_frame_payload,
             rx_capacity,
             host: Session::new(cfg, 2),
-            guest: Session::new(Config::new(Role::Guest, "vios-guest-bridge fuzz"), 1),
+            guest: Session::new(guest_cfg, 1),
             auto_consume: setup.mode & 2 != 0,
             live: BTreeMap::new(),
             highest: 0,
@@ -633,6 +639,13 @@ impl Harness {
         };
         let limits = if op.raw_limits == 0 {
             Config::new(Role::Guest, "").limits
+        } else if op.raw_limits == 1 {
+            Limits {
+                max_frame_payload: 1024 + op.max_frame_payload % 4096,
+                initial_window: 1 + op.initial_window % 65536,
+                max_streams: 1 + op.max_streams % 16,
+                idle_timeout_ms: 1000 + op.idle_timeout_ms % 60_000,
+            }
         } else {
             Limits {
                 max_frame_payload: op.max_frame_payload,

@@ -44,10 +44,13 @@ impl RxBuf {
 
     /// Free space to read into; empty only when the buffer is full.
     pub fn space(&mut self) -> &mut [u8] {
+        let tail = self.buf.len() - self.end;
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-        } else if self.buf.len() - self.end < MIN_READ && self.start > 0 {
+        } else if tail < MIN_READ && self.start > 0 && (self.start >= self.buf.len() / 2 || tail == 0) {
+            // Compact only once at least half the buffer was consumed, so
+            // each byte is moved at most about once however input is cut.
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;

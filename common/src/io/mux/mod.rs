@@ -42,6 +42,10 @@ const ROUNDS: usize = 8;
 const GATHER_BELOW: usize = 4096;
 /// Stream open/close lines logged per second per channel; the rest are counted.
 pub const STREAM_LOG_PER_SEC: u32 = 1000;
+/// Session and channel lines logged per second per channel.
+pub const SESSION_LOG_PER_SEC: u32 = 20;
+/// Default of [`MuxConfig::write_stall`].
+pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(30);
 
 /// How the host side turns a stream the guest opened into a socket.
 pub trait Opener {
@@ -70,6 +74,9 @@ pub struct MuxConfig {
     pub connect_timeout: Duration,
     pub budget: Arc<Budget>,
     pub timeouts: StreamTimeouts,
+    /// End the session when bytes wait to be written and the peer has read
+    /// none for this long (it grants credit, or pings, but never drains).
+    pub write_stall: Option<Duration>,
 }
 
 impl MuxConfig {
@@ -80,6 +87,7 @@ impl MuxConfig {
             connect_timeout: Duration::from_secs(5),
             budget: Arc::new(Budget::unlimited()),
             timeouts: StreamTimeouts::default(),
+            write_stall: Some(DEFAULT_WRITE_STALL),
         }
     }
 }
@@ -101,6 +109,10 @@ pub struct Mux {
     /// When stream timeouts are next checked.
     next_sweep: Option<Instant>,
     log: LogLimiter,
+    session_log: LogLimiter,
+    /// Since when bytes wait to be written and none could be, and the
+    /// session's output counter then.
+    stalled: Option<(Instant, u64)>,
 }
 
 impl Mux {
@@ -118,6 +130,8 @@ impl Mux {
             connecting: VecDeque::new(),
             next_sweep: None,
             log: LogLimiter::new(STREAM_LOG_PER_SEC),
+            session_log: LogLimiter::new(SESSION_LOG_PER_SEC),
+            stalled: None,
         }
     }
 
@@ -240,22 +254,42 @@ impl Mux {
             }
         }
         self.dispatch(now, registry, opener);
+        self.check_stall(now);
         self.has_work()
     }
 
-    fn log_link(&self, news: LinkNews) {
-        let (label, spec) = (&self.cfg.label, self.link.spec());
-        match news {
-            LinkNews::Connected => info!("{label}channel {spec} connected"),
-            LinkNews::Opened(path) => {
-                info!(
-                    "{label}channel {spec} opened ({}); waiting for the host",
-                    path.display()
-                )
+    /// Ends the session if the peer has read nothing for the write-stall
+    /// timeout while bytes wait for it.
+    fn check_stall(&mut self, now: Instant) {
+        let Some(limit) = self.cfg.write_stall else { return };
+        let out = self.session.stats().bytes_out;
+        if !self.session.is_established() || !self.session.wants_write() {
+            self.stalled = None;
+            return;
+        }
+        match self.stalled {
+            Some((_, seen)) if seen != out => self.stalled = Some((now, out)),
+            Some((since, _)) if now.duration_since(since) >= limit => {
+                self.stalled = None;
+                let detail = format!("peer read nothing for {} s", limit.as_secs());
+                self.session.abort(Code::Timeout, detail, now);
             }
-            LinkNews::HostPresent => info!("{label}channel {spec}: host connected"),
-            LinkNews::Lost(why) => warn!("{label}channel {spec} lost: {why}"),
-            LinkNews::HostAbsent => warn!("{label}channel {spec}: host disconnected"),
+            Some(_) => {}
+            None => self.stalled = Some((now, out)),
+        }
+    }
+
+    fn log_link(&mut self, news: LinkNews) {
+        let spec = self.link.spec().to_string();
+        match news {
+            LinkNews::Connected => self.session_log(false, format!("channel {spec} connected")),
+            LinkNews::Opened(path) => self.session_log(
+                false,
+                format!("channel {spec} opened ({}); waiting for the host", path.display()),
+            ),
+            LinkNews::HostPresent => self.session_log(false, format!("channel {spec}: host connected")),
+            LinkNews::Lost(why) => self.session_log(true, format!("channel {spec} lost: {why}")),
+            LinkNews::HostAbsent => self.session_log(true, format!("channel {spec}: host disconnected")),
             LinkNews::Failed {
                 error,
                 retry_in,
@@ -265,11 +299,30 @@ impl Mux {
                 // flood the log; loudly once a minute.
                 let ms = retry_in.as_millis();
                 if repeated {
-                    debug!("{label}channel {spec}: {error}; retrying in {ms} ms");
+                    debug!("{}channel {spec}: {error}; retrying in {ms} ms", self.cfg.label);
                 } else {
-                    warn!("{label}channel {spec}: {error}; retrying in {ms} ms (repeats logged at debug)");
+                    let line =
+                        format!("channel {spec}: {error}; retrying in {ms} ms (repeats logged at debug)");
+                    self.session_log(true, line);
                 }
             }
+        }
+    }
+
+    /// Logs a session or channel line, within [`SESSION_LOG_PER_SEC`]: a peer
+    /// restarting sessions in a loop cannot flood the log.
+    fn session_log(&mut self, warning: bool, line: String) {
+        let (allowed, dropped) = self.session_log.allow(Instant::now());
+        if let Some(n) = dropped {
+            warn!(
+                "{}{n} session log lines suppressed in the last second",
+                self.cfg.label
+            );
+        }
+        if allowed && warning {
+            warn!("{}{line}", self.cfg.label);
+        } else if allowed {
+            info!("{}{line}", self.cfg.label);
         }
     }
 
@@ -301,6 +354,8 @@ impl Mux {
             self.session.poll_timeout(),
             self.connecting.front().map(|c| c.0),
             self.next_sweep,
+            self.stalled
+                .and_then(|(since, _)| self.cfg.write_stall.map(|l| since + l)),
         ];
         t.into_iter().flatten().min()
     }
@@ -341,12 +396,14 @@ impl Mux {
     }
 
     fn on_event(&mut self, ev: Event<'static>, now: Instant, registry: &Registry, opener: &mut dyn Opener) {
-        let label = self.cfg.label.clone();
         match ev {
             Event::Data { .. } => unreachable!("split off by dispatch"),
-            Event::Established(info) => info!(
-                "{label}session established (version {}, peer {:?}, session tag {:04x})",
-                info.version, info.peer_identity, info.tag
+            Event::Established(info) => self.session_log(
+                false,
+                format!(
+                    "session established (version {}, peer {:?}, session tag {:04x})",
+                    info.version, info.peer_identity, info.tag
+                ),
             ),
             Event::Ended(reason) => {
                 let n = self.conns.len();
@@ -356,9 +413,12 @@ impl Mux {
                     stats.frames_in, stats.stream_violations, stats.opens_refused_for_rate, stats.throttled
                 );
                 if n > 0 || reason.is_failure() {
-                    warn!("{label}session ended: {reason}; resetting {n} stream(s) ({counters})");
+                    self.session_log(
+                        true,
+                        format!("session ended: {reason}; resetting {n} stream(s) ({counters})"),
+                    );
                 } else {
-                    info!("{label}session ended: {reason} ({counters})");
+                    self.session_log(false, format!("session ended: {reason} ({counters})"));
                 }
                 let why = format!("session ended: {reason}");
                 for key in self.conns.keys().collect::<Vec<_>>() {
@@ -368,20 +428,22 @@ impl Mux {
                 self.connecting.clear();
             }
             Event::Rejected { by_peer, code, text } => {
-                if by_peer {
-                    warn!("{label}peer refused the handshake: {code}: {text}");
+                let who = if by_peer {
+                    "peer refused the handshake"
                 } else {
-                    warn!("{label}refused the peer's handshake: {code}: {text}");
-                }
+                    "refused the peer's handshake"
+                };
+                self.session_log(true, format!("{who}: {code}: {text}"));
             }
             Event::GoingAway { code, drain, text } => {
-                info!(
-                    "{label}peer is going away ({code}: {text}); draining for {} ms",
-                    drain.as_millis()
+                let ms = drain.as_millis();
+                self.session_log(
+                    false,
+                    format!("peer is going away ({code}: {text}); draining for {ms} ms"),
                 );
             }
             Event::Opened { stream, service } => self.opened(stream, service, now, registry, opener),
-            Event::Accepted { stream } => debug!("{label}stream {stream} accepted"),
+            Event::Accepted { stream } => debug!("{}stream {stream} accepted", self.cfg.label),
             Event::Refused {
                 stream,
                 code,

@@ -49,7 +49,7 @@ pub struct Policy {
 }
 
 pub const DEFAULT_CONTROL_RATE: u32 = 100_000;
-pub const DEFAULT_FRAME_RATE: u32 = 1_000_000;
+pub const DEFAULT_FRAME_RATE: u32 = 500_000;
 pub const DEFAULT_OPEN_RATE: u32 = 2_000;
 pub const DEFAULT_VIOLATIONS_PER_10S: u32 = 1_000;
 

@@ -179,4 +179,6 @@ pub struct Stats {
     pub throttled: u64,
     /// OPENs refused for the open rate.
     pub opens_refused_for_rate: u64,
+    /// Bytes written to the channel.
+    pub bytes_out: u64,
 }

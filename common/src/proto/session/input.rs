@@ -4,7 +4,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::{push_frame, EndReason, Established, Event, Session, SessionInfo, State, Step, Stream};
+use super::{
+    push_frame, EndReason, Established, Event, Session, SessionInfo, State, Step, Stream,
+    MAX_DISCARD_PER_HANDSHAKE,
+};
 use crate::proto::code::Code;
 use crate::proto::crc32c::crc32c;
 use crate::proto::frame::{self, Decoded, Frame, StreamId, HEADER_LEN};
@@ -22,9 +25,21 @@ impl Session {
         let State::Handshaking(h) = &mut self.state else {
             unreachable!()
         };
+        if h.discarded > MAX_DISCARD_PER_HANDSHAKE {
+            // Megabytes and no HELLO: a flood, not a restart. Hold off (and
+            // stop reading) rather than scan at line rate.
+            self.failures = self.failures.max(1) + 1;
+            self.retry_handshake(now);
+            return Step::Event(Event::Rejected {
+                by_peer: false,
+                code: Code::ProtocolError,
+                text: format!("{} MiB without a valid HELLO", MAX_DISCARD_PER_HANDSHAKE >> 20),
+            });
+        }
         match hello::find_magic(self.rx.filled()) {
             Err(keep) => {
                 self.stats.bytes_discarded += keep as u64;
+                h.discarded += keep as u64;
                 self.rx.consume(keep);
                 if keep > 0 {
                     h.partial_since = None;
@@ -34,6 +49,7 @@ impl Session {
             Ok(pos) => {
                 if pos > 0 {
                     self.stats.bytes_discarded += pos as u64;
+                    h.discarded += pos as u64;
                     self.rx.consume(pos);
                     h.partial_since = None;
                 }
@@ -44,6 +60,7 @@ impl Session {
                     }
                     HelloParse::Invalid(_) => {
                         h.partial_since = None;
+                        h.discarded += 1;
                         self.stats.hellos_discarded += 1;
                         self.rx.consume(1);
                         Step::Continue
@@ -53,16 +70,21 @@ impl Session {
                         self.rx.consume(len);
                         self.limits.frames.take(now);
                         if !self.limits.control.take(now) {
-                            // A HELLO flood: stop answering for a while.
-                            self.failures += 1;
+                            // A HELLO flood: say why, then stop answering for a while.
+                            let text = format!(
+                                "more than {} HELLOs and control frames per second",
+                                self.cfg.policy.control_rate
+                            );
+                            let nonce = h.nonce;
+                            if self.tx.is_empty() {
+                                self.queue_hello(nonce, peer.nonce, Some((Code::EnhanceYourCalm, &text)));
+                            }
+                            self.failures = self.failures.max(1) + 1;
                             self.retry_handshake(now);
                             return Step::Event(Event::Rejected {
                                 by_peer: false,
                                 code: Code::EnhanceYourCalm,
-                                text: format!(
-                                    "more than {} HELLOs and control frames per second",
-                                    self.cfg.policy.control_rate
-                                ),
+                                text,
                             });
                         }
                         self.on_hello(peer, now)
@@ -207,7 +229,7 @@ impl Session {
     }
 
     /// Ends the session for the peer's fault: GOAWAY, then handshake again.
-    fn fail(&mut self, code: Code, detail: String, now: Instant) -> Event<'static> {
+    pub(super) fn fail(&mut self, code: Code, detail: String, now: Instant) -> Event<'static> {
         if let State::Established(e) = &self.state {
             let text = frame::clip_text(&detail, frame::MAX_GOAWAY_TEXT);
             push_frame(

@@ -64,7 +64,17 @@ struct Handshake {
     retry_every: Duration,
     /// When the partial HELLO at the front of the input began to arrive.
     partial_since: Option<Instant>,
+    /// Bytes discarded while looking for a HELLO in this handshake.
+    discarded: u64,
 }
+
+/// Stale bytes a handshake may discard before the peer counts as flooding:
+/// more than the channel can replay after a restart (about 4.4 MB queued in
+/// the guest plus QEMU's buffer).
+const MAX_DISCARD_PER_HANDSHAKE: u64 = 8 << 20;
+/// A session that ends by a new HELLO sooner than this counts as a failure,
+/// so a peer cannot make the receiver run handshakes in a tight loop.
+const MIN_SESSION: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Established {
@@ -331,6 +341,7 @@ impl Session {
     /// `n` bytes of [`Session::poll_transmit`] were written.
     pub fn advance_transmit(&mut self, n: usize) {
         self.tx.advance(n);
+        self.stats.bytes_out += n as u64;
     }
 
     /// Whether anything waits to be written.
@@ -578,6 +589,16 @@ impl Session {
         }
     }
 
+    /// Ends an established session because the peer misbehaves in a way only
+    /// the caller can see (say, it stopped reading): GOAWAY with `code`, an
+    /// [`Event::Ended`] follows, then a new handshake after a backoff.
+    pub fn abort(&mut self, code: Code, detail: String, now: Instant) {
+        if self.is_established() {
+            let ev = self.fail(code, detail, now);
+            self.queued.push_back(ev);
+        }
+    }
+
     /// Ends the session at once (after [`Session::shutdown`]'s grace ran out).
     pub fn close(&mut self, now: Instant) {
         self.shutting_down = true;
@@ -610,6 +631,7 @@ impl Session {
             retry_at: now + self.cfg.hello_retry_first,
             retry_every: self.cfg.hello_retry_first,
             partial_since: None,
+            discarded: 0,
         });
         self.queue_hello(nonce, NO_NONCE, None);
     }
@@ -644,11 +666,19 @@ impl Session {
         let State::Established(e) = &self.state else {
             unreachable!("only an established session ends")
         };
-        if now.duration_since(e.since) >= self.cfg.backoff_reset_after {
+        let lasted = now.duration_since(e.since);
+        if lasted >= self.cfg.backoff_reset_after {
             self.failures = 0;
         }
-        if reason.is_failure() {
-            self.failures += 1;
+        match &reason {
+            // A limit was broken: hold off at once.
+            EndReason::Violation {
+                code: Code::EnhanceYourCalm,
+                ..
+            } => self.failures = self.failures.max(1) + 1,
+            EndReason::PeerRestarted if lasted < MIN_SESSION => self.failures += 1,
+            r if r.is_failure() => self.failures += 1,
+            _ => {}
         }
         self.state = State::Down;
         self.retry_handshake(now);
