@@ -93,7 +93,7 @@ pub struct Cli {
     pub window: u32,
 
     /// Largest frame payload accepted from a guest.
-    #[arg(long, value_name = "BYTES", env = "VIOS_MAX_FRAME", default_value = "64K", value_parser = parse_frame)]
+    #[arg(long, value_name = "BYTES", env = "VIOS_MAX_FRAME", default_value = "256K", value_parser = parse_frame)]
     pub max_frame: u32,
 
     /// End a session when nothing arrived from the guest for this long

@@ -34,6 +34,8 @@ const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often an absent host is looked for without an edge.
 const DEVICE_POLL: Duration = Duration::from_secs(1);
+/// Socket buffer size asked for on a unix-socket channel.
+const CHANNEL_SOCKET_BUFFER: usize = 4 << 20;
 /// A failure repeated this long is reported loudly again.
 pub const REPORT_AGAIN: Duration = Duration::from_secs(60);
 /// Bytes read from the channel per turn before other work gets a go.
@@ -232,6 +234,12 @@ impl Link {
                 if let Some(e) = s.take_error()? {
                     return Err(e);
                 }
+                // Larger socket buffers: fewer, larger writes and wake-ups on
+                // a path that carries every stream (capped by the kernel's
+                // net.core.wmem_max / rmem_max; failure is harmless).
+                let sock = socket2::SockRef::from(&s);
+                let _ = sock.set_send_buffer_size(CHANNEL_SOCKET_BUFFER);
+                let _ = sock.set_recv_buffer_size(CHANNEL_SOCKET_BUFFER);
                 registry.register(&mut s, self.token, interest)?;
                 Ok(Io::Unix(s))
             }

@@ -18,7 +18,6 @@
 //! `split N` (write at most N bytes per write), `delay MS` (pause MS between
 //! writes), `pause` / `resume` (stop relaying, as a frozen guest), `stats`.
 
-use std::collections::VecDeque;
 use std::io::{self, BufRead, Read, Write};
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -31,7 +30,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 /// Bytes kept for an absent guest, like QEMU's buffering (about 230 KB).
 const ABSENT_GUEST_BUFFER: usize = 230 * 1024;
 /// Bytes relayed in one direction before the reader is paused.
-const RELAY_BUFFER: usize = 256 * 1024;
+const RELAY_BUFFER: usize = 1024 * 1024;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,8 +64,8 @@ struct Relay {
     guest_l: UnixListener,
     host: Side,
     guest: Side,
-    h2g: VecDeque<u8>,
-    g2h: VecDeque<u8>,
+    h2g: Pipe,
+    g2h: Pipe,
     split: usize,
     delay: Duration,
     next_write: Instant,
@@ -106,8 +105,8 @@ fn main() -> io::Result<()> {
         guest_l,
         host: Side::default(),
         guest: Side::default(),
-        h2g: VecDeque::new(),
-        g2h: VecDeque::new(),
+        h2g: Pipe::default(),
+        g2h: Pipe::default(),
         split: usize::MAX,
         delay: Duration::ZERO,
         next_write: Instant::now(),
@@ -197,6 +196,7 @@ impl Relay {
     fn accept(&mut self) -> io::Result<()> {
         if self.host.conn.is_none() {
             if let Ok((mut c, _)) = self.host_l.accept() {
+                big_buffers(&c);
                 self.poll
                     .registry()
                     .register(&mut c, HOST_C, Interest::READABLE | Interest::WRITABLE)?;
@@ -210,6 +210,7 @@ impl Relay {
         // Without a host, a guest sees "no host": it is not served.
         if self.guest.conn.is_none() && self.host.conn.is_some() {
             if let Ok((mut c, _)) = self.guest_l.accept() {
+                big_buffers(&c);
                 self.poll
                     .registry()
                     .register(&mut c, GUEST_C, Interest::READABLE | Interest::WRITABLE)?;
@@ -274,19 +275,62 @@ impl Relay {
     }
 }
 
+/// Socket buffers like the bridges ask for on their channel sockets.
+fn big_buffers(c: &UnixStream) {
+    let s = socket2::SockRef::from(c);
+    let _ = s.set_send_buffer_size(4 << 20);
+    let _ = s.set_recv_buffer_size(4 << 20);
+}
+
+/// A flat byte buffer with a moving start: reads land straight in it and
+/// writes go straight out of it (no copy in between, unlike a VecDeque).
+#[derive(Default)]
+struct Pipe {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Pipe {
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Room for up to `want` more bytes.
+    fn space(&mut self, want: usize) -> &mut [u8] {
+        if self.start == self.end {
+            self.clear();
+        } else if self.buf.len() - self.end < want && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() < self.end + want {
+            self.buf.resize(self.end + want, 0);
+        }
+        &mut self.buf[self.end..self.end + want]
+    }
+}
+
 /// Reads what fits; `Err` on end of file or error.
-fn read_into(side: &mut Side, buf: &mut VecDeque<u8>, cap: usize) -> Result<usize, ()> {
-    let Some(c) = side.conn.as_mut() else {
-        return Ok(0);
-    };
+fn read_into(side: &mut Side, buf: &mut Pipe, cap: usize) -> Result<usize, ()> {
+    let Some(c) = side.conn.as_mut() else { return Ok(0) };
     let mut total = 0;
-    let mut chunk = [0u8; 32 * 1024];
     while side.readable && buf.len() < cap {
-        let want = chunk.len().min(cap - buf.len());
-        match c.read(&mut chunk[..want]) {
+        let want = cap - buf.len();
+        match c.read(buf.space(want)) {
             Ok(0) => return Err(()),
             Ok(n) => {
-                buf.extend(&chunk[..n]);
+                buf.end += n;
                 total += n;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => side.readable = false,
@@ -298,18 +342,15 @@ fn read_into(side: &mut Side, buf: &mut VecDeque<u8>, cap: usize) -> Result<usiz
 }
 
 /// Writes one piece of at most `limit` bytes.
-fn write_from(side: &mut Side, buf: &mut VecDeque<u8>, limit: usize) -> Result<usize, ()> {
-    let Some(c) = side.conn.as_mut() else {
-        return Ok(0);
-    };
+fn write_from(side: &mut Side, buf: &mut Pipe, limit: usize) -> Result<usize, ()> {
+    let Some(c) = side.conn.as_mut() else { return Ok(0) };
     if !side.writable || buf.is_empty() {
         return Ok(0);
     }
-    let (a, _) = buf.as_slices();
-    let n = a.len().min(limit);
-    match c.write(&a[..n]) {
+    let n = buf.len().min(limit);
+    match c.write(&buf.buf[buf.start..buf.start + n]) {
         Ok(k) => {
-            buf.drain(..k);
+            buf.start += k;
             Ok(k)
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

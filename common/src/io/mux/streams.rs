@@ -29,7 +29,8 @@ impl Mux {
 
     pub(super) fn after_write(&mut self, key: usize, stream: StreamId, w: Written, registry: &Registry) {
         if w.n > 0 {
-            self.session.consumed(stream, w.n);
+            let backlog = self.conns.get(key).map_or(0, |c| c.pending_len());
+            self.session.consumed_with_backlog(stream, w.n, backlog);
         }
         if let Some(e) = w.error {
             let peer = self.conns.get(key).map_or("", |c| c.peer.as_str());

@@ -26,7 +26,15 @@ pub struct Config {
     pub backoff_reset_after: Duration,
     /// What a peer may make this side do per second (PROTOCOL.md §8.2).
     pub policy: Policy,
+    /// How far a stream's receive window may grow beyond the declared initial
+    /// window while its consumer keeps up (PROTOCOL.md §6).
+    pub window_max: u32,
+    /// Extra window all streams of a session may draw, together.
+    pub window_pool: u32,
 }
+
+pub const DEFAULT_WINDOW_MAX: u32 = 4 << 20;
+pub const DEFAULT_WINDOW_POOL: u32 = 16 << 20;
 
 /// Rate limits on what the peer sends. A rate of 0 means unlimited.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,11 +86,11 @@ impl Default for Policy {
     }
 }
 
-pub const DEFAULT_MAX_FRAME_PAYLOAD: u32 = 64 * 1024;
+pub const DEFAULT_MAX_FRAME_PAYLOAD: u32 = 256 * 1024;
 pub const DEFAULT_INITIAL_WINDOW: u32 = 256 * 1024;
 pub const DEFAULT_MAX_STREAMS: u32 = 1024;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u32 = 15_000;
-pub const DEFAULT_TX_HIGH_WATER: usize = 256 * 1024;
+pub const DEFAULT_TX_HIGH_WATER: usize = 1024 * 1024;
 /// Beyond the DATA high-water mark and one frame, how many bytes of replies
 /// (credit, refusals, resets, pongs) may wait before input is no longer parsed.
 pub(super) const CONTROL_ALLOWANCE: usize = 64 * 1024;
@@ -106,6 +114,8 @@ impl Config {
             backoff_max: Duration::from_secs(30),
             backoff_reset_after: Duration::from_secs(60),
             policy: Policy::default(),
+            window_max: DEFAULT_WINDOW_MAX,
+            window_pool: DEFAULT_WINDOW_POOL,
         }
     }
 

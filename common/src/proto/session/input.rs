@@ -151,6 +151,7 @@ impl Session {
             ping: None,
             pending_pong: None,
             drain_until: None,
+            window_pool: u64::from(self.cfg.window_pool),
         }));
         self.stats.sessions += 1;
         Step::Event(Event::Established(info))
@@ -386,7 +387,7 @@ impl Session {
                 if role != Role::Guest || s.accepted {
                     return self.stream_violation(stream, Code::ProtocolError, "unexpected REFUSE", now);
                 }
-                e.streams.remove(&stream);
+                e.remove_stream(stream);
                 Step::Event(Event::Refused {
                     stream,
                     code,
@@ -415,12 +416,12 @@ impl Session {
                 }
                 s.remote_fin = true;
                 if s.local_fin {
-                    e.streams.remove(&stream);
+                    e.remove_stream(stream);
                 }
                 Step::Event(Event::Finished { stream })
             }
             Frame::Reset { code, text, .. } => {
-                e.streams.remove(&stream);
+                e.remove_stream(stream);
                 Step::Event(Event::Reset {
                     stream,
                     code,

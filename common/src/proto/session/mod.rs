@@ -89,6 +89,17 @@ struct Established {
     pending_pong: Option<[u8; 8]>,
     /// Set once a GOAWAY was sent or received: when the session ends.
     drain_until: Option<Instant>,
+    /// Receive window the streams may still draw beyond their base.
+    window_pool: u64,
+}
+
+impl Established {
+    /// Forgets a stream, returning what its window drew to the pool.
+    fn remove_stream(&mut self, stream: StreamId) -> Option<Stream> {
+        let s = self.streams.remove(&stream)?;
+        self.window_pool += u64::from(s.recv.extra());
+        Some(s)
+    }
 }
 
 #[derive(Debug)]
@@ -468,7 +479,7 @@ impl Session {
     /// (host) Refuses an opened stream; it is gone.
     pub fn refuse(&mut self, stream: StreamId, code: Code, text: &str) {
         let Some(e) = self.est_mut() else { return };
-        if e.streams.remove(&stream).is_some() {
+        if e.remove_stream(stream).is_some() {
             let text = frame::clip_text(text, frame::MAX_REASON_TEXT);
             let tag = e.info.tag;
             push_frame(&mut self.tx, tag, &Frame::Refuse { stream, code, text });
@@ -542,7 +553,7 @@ impl Session {
     /// Aborts the stream in both directions; it is gone.
     pub fn reset(&mut self, stream: StreamId, code: Code, text: &str) {
         let Some(e) = self.est_mut() else { return };
-        if e.streams.remove(&stream).is_some() {
+        if e.remove_stream(stream).is_some() {
             let text = frame::clip_text(text, frame::MAX_REASON_TEXT);
             let tag = e.info.tag;
             push_frame(&mut self.tx, tag, &Frame::Reset { stream, code, text });
@@ -551,13 +562,24 @@ impl Session {
 
     /// `n` bytes of the stream were passed onward: return credit in due course.
     pub fn consumed(&mut self, stream: StreamId, n: usize) {
-        let Some((s, tag)) = self.stream_mut(stream) else {
+        self.consumed_with_backlog(stream, n, 0);
+    }
+
+    /// [`Session::consumed`], telling how many bytes of the stream still wait
+    /// for its consumer: the receive window grows while that stays zero and
+    /// shrinks back while it is large (PROTOCOL.md §6).
+    pub fn consumed_with_backlog(&mut self, stream: StreamId, n: usize, backlog: usize) {
+        let max = self.cfg.window_max;
+        let Some(e) = self.est_mut() else { return };
+        let tag = e.info.tag;
+        let Some(s) = e.streams.get_mut(&stream) else {
             return;
         };
         if s.remote_fin {
             return; // the peer sends no more: credit would be wasted
         }
-        if let Some(increment) = s.recv.on_consumed(n as u32) {
+        let backlog = u32::try_from(backlog).unwrap_or(u32::MAX);
+        if let Some(increment) = s.recv.on_consumed(n as u32, backlog, max, &mut e.window_pool) {
             push_frame(&mut self.tx, tag, &Frame::Credit { stream, increment });
         }
     }
@@ -728,7 +750,7 @@ impl Session {
 
     fn forget(&mut self, stream: StreamId) {
         if let Some(e) = self.est_mut() {
-            e.streams.remove(&stream);
+            e.remove_stream(stream);
         }
     }
 }

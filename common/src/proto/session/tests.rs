@@ -348,11 +348,48 @@ fn credit_is_returned_only_when_consumed() {
     assert_eq!(sent, window, "a sender stops at the window");
     assert_eq!(p.g.s.send_credit(id), 0);
     assert_eq!(p.h.data(id).len(), window);
-    // The host passes on half: credit comes back and the guest is told.
-    p.h.s.consumed(id, window / 2);
+    // The host passes on half, half is still waiting for the consumer: that
+    // half of credit comes back (no more) and the guest is told.
+    p.h.s.consumed_with_backlog(id, window / 2, window / 2);
     p.drive();
     assert!(p.g.has(|e| *e == Event::Credit { stream: id }));
     assert_eq!(p.g.s.send_credit(id) as usize, window / 2);
+}
+
+#[test]
+fn a_fast_stream_window_grows_to_the_ceiling_and_returns_to_the_pool() {
+    let mut p = Pair::new();
+    p.up();
+    let id = open_accepted(&mut p);
+    let base = DEFAULT_INITIAL_WINDOW as usize;
+    // The host passes everything on at once (no backlog): after a few
+    // windows the guest may have the ceiling in flight.
+    let data = pattern(32 << 20, 1);
+    let mut sent = 0;
+    let mut most = 0;
+    while sent < data.len() {
+        let credit = p.g.s.send_credit(id) as usize;
+        most = most.max(credit);
+        sent += p.g.s.send(id, &data[sent..]);
+        p.drive();
+    }
+    assert!(most > base, "window never grew past {base}");
+    assert!(most <= DEFAULT_WINDOW_MAX as usize, "{most}");
+    assert_eq!(p.h.data(id), data);
+    let State::Established(e) = &p.h.s.state else {
+        panic!()
+    };
+    assert!(e.window_pool < u64::from(DEFAULT_WINDOW_POOL));
+    p.g.s.reset(id, Code::Aborted, "done");
+    p.drive();
+    let State::Established(e) = &p.h.s.state else {
+        panic!()
+    };
+    assert_eq!(
+        e.window_pool,
+        u64::from(DEFAULT_WINDOW_POOL),
+        "the extra went back to the pool"
+    );
 }
 
 #[test]
@@ -645,7 +682,8 @@ fn replies_backed_up_stop_input() {
     p.up();
     let tag = p.h.s.info().unwrap().tag;
     let mut input = vec![];
-    for id in 1..=20_000u64 {
+    // More refusals than the transmit buffer may hold.
+    for id in 1..=200_000u64 {
         let f = Frame::Open {
             stream: StreamId(id),
             service: "amqp",
