@@ -25,6 +25,7 @@ use vios_common::io::link::Link;
 use vios_common::io::mux::{Mux, MuxConfig, NoOpener};
 use vios_common::io::random_seed;
 use vios_common::io::sock::{would_block, Sock};
+use vios_common::proto::session::Policy;
 use vios_common::proto::{Config as SessionConfig, Limits, Role, Session};
 
 use config::Cli;
@@ -78,6 +79,8 @@ pub fn run(cli: Cli) -> io::Result<()> {
         max_streams: 1,
         idle_timeout_ms: cli.idle_timeout.as_millis() as u32,
     };
+    // The host is the trusted side: no rate limits on what it sends.
+    cfg.policy = Policy::unlimited();
     let now = Instant::now();
     let link = Link::new(cli.channel.clone(), LINK, now);
 
