@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::proto::Limits;
+
 /// `250ms`, `5s`, `2m`, `1h`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let expected = || format!("expected a duration such as 500ms, 5s, 2m or 1h, got {s:?}");
@@ -44,6 +46,30 @@ pub fn parse_size_in(s: &str, lo: u64, hi: u64) -> Result<u32, String> {
         return Err(format!("{n} bytes is outside the allowed range {lo}..={hi}"));
     }
     Ok(n as u32)
+}
+
+/// A per-stream initial window: 1 KiB to `2^31-1` bytes.
+pub fn parse_window(s: &str) -> Result<u32, String> {
+    parse_size_in(s, 1024, u64::from(Limits::MAX_WINDOW))
+}
+
+/// A max frame payload: 1 KiB to 16 MiB.
+pub fn parse_frame(s: &str) -> Result<u32, String> {
+    parse_size_in(
+        s,
+        u64::from(Limits::MIN_FRAME_PAYLOAD),
+        u64::from(Limits::MAX_FRAME_PAYLOAD),
+    )
+}
+
+/// A session idle timeout: 1 s to 1 h.
+pub fn parse_idle(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    let ms = d.as_millis();
+    if ms < u128::from(Limits::MIN_IDLE_TIMEOUT_MS) || ms > u128::from(Limits::MAX_IDLE_TIMEOUT_MS) {
+        return Err(format!("{ms} ms is outside the allowed range 1s..1h"));
+    }
+    Ok(d)
 }
 
 /// Splits `NAME=VALUE`, checking NAME as a service or guest name.

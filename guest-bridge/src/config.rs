@@ -5,10 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use vios_common::cli::{parse_duration, parse_size_in};
+use vios_common::cli::{parse_duration, parse_frame, parse_idle, parse_window};
 use vios_common::io::link::ChannelSpec;
 use vios_common::proto::frame::check_service_name;
-use vios_common::proto::Limits;
 
 const ABOUT: &str = "Guest side of the Vios bridge: accepts local clients (TCP on loopback, \
 unix sockets) and carries all of them over one virtio-serial port to vios-host-bridge.";
@@ -142,27 +141,6 @@ fn parse_listen(s: &str) -> Result<ListenSpec, String> {
         addr,
         service: service.to_owned(),
     })
-}
-
-fn parse_window(s: &str) -> Result<u32, String> {
-    parse_size_in(s, 1024, u64::from(Limits::MAX_WINDOW))
-}
-
-fn parse_frame(s: &str) -> Result<u32, String> {
-    parse_size_in(
-        s,
-        u64::from(Limits::MIN_FRAME_PAYLOAD),
-        u64::from(Limits::MAX_FRAME_PAYLOAD),
-    )
-}
-
-fn parse_idle(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    let ms = d.as_millis();
-    if ms < u128::from(Limits::MIN_IDLE_TIMEOUT_MS) || ms > u128::from(Limits::MAX_IDLE_TIMEOUT_MS) {
-        return Err(format!("{ms} ms is outside the allowed range 1s..1h"));
-    }
-    Ok(d)
 }
 
 impl Cli {

@@ -6,11 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use vios_common::cli::{parse_duration, parse_size, parse_size_in, split_named};
+use vios_common::cli::{parse_duration, parse_frame, parse_idle, parse_size, parse_window, split_named};
 use vios_common::proto::session::{
     DEFAULT_CONTROL_RATE, DEFAULT_FRAME_RATE, DEFAULT_OPEN_RATE, DEFAULT_VIOLATIONS_PER_10S,
 };
-use vios_common::proto::Limits;
 
 const ABOUT: &str = "Host side of the Vios bridge: serves guests' virtio-serial channels \
 and splices every stream a guest opens into a host service such as an AMQP broker.";
@@ -201,27 +200,6 @@ fn parse_service(s: &str) -> Result<ServiceSpec, String> {
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
     parse_size(s)
-}
-
-fn parse_window(s: &str) -> Result<u32, String> {
-    parse_size_in(s, 1024, u64::from(Limits::MAX_WINDOW))
-}
-
-fn parse_frame(s: &str) -> Result<u32, String> {
-    parse_size_in(
-        s,
-        u64::from(Limits::MIN_FRAME_PAYLOAD),
-        u64::from(Limits::MAX_FRAME_PAYLOAD),
-    )
-}
-
-fn parse_idle(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    let ms = d.as_millis();
-    if ms < u128::from(Limits::MIN_IDLE_TIMEOUT_MS) || ms > u128::from(Limits::MAX_IDLE_TIMEOUT_MS) {
-        return Err(format!("{ms} ms is outside the allowed range 1s..1h"));
-    }
-    Ok(d)
 }
 
 impl Cli {

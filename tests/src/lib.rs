@@ -3,8 +3,10 @@
 //!
 //! Everything a test starts is stopped when its handle drops, and lives in a
 //! [`TempDir`] of its own, so tests can run in parallel.
+#![forbid(unsafe_code)]
 
 pub mod servers;
+pub mod tool;
 pub mod vm;
 
 use std::fs;
@@ -456,6 +458,17 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     }
     v.truncate(len);
     v
+}
+
+/// Prints a measured figure and appends it to `vios-figures.txt` beside the
+/// binaries, which the test command prints at the end.
+pub fn record_figure(line: &str) {
+    eprintln!("{line}");
+    let path = bin_dir().join("vios-figures.txt");
+    let mut text = fs::read_to_string(&path).unwrap_or_default();
+    text.push_str(line);
+    text.push('\n');
+    let _ = fs::write(path, text);
 }
 
 /// Reads lines of a log for assertions.

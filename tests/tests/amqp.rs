@@ -73,16 +73,6 @@ fn load(script: &str, port: u16, run: &str) -> f64 {
     field("msgs_per_sec")
 }
 
-/// Appends a line to the figures file the test command prints at the end.
-fn record(line: &str) {
-    eprintln!("{line}");
-    let path = vios_tests::bin_dir().join("vios-figures.txt");
-    let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-    text.push_str(line);
-    text.push('\n');
-    let _ = std::fs::write(path, text);
-}
-
 fn run_client(script: &str, label: &str) {
     let Some(port) = broker_port() else { return };
     let rig = Rig::start(RigSpec::new("amqp", ([127, 0, 0, 1], port).into()));
@@ -94,7 +84,7 @@ fn run_client(script: &str, label: &str) {
     bridged += load(script, rig.guest_port, "bridged-b");
     direct += load(script, port, "direct-b");
     let (direct, bridged) = (direct / 2.0, bridged / 2.0);
-    record(&format!(
+    vios_tests::record_figure(&format!(
         "{label}: {CONNECTIONS} connections x {MESSAGES} messages per run, every message verified; \
          mean of 2 interleaved runs each: {bridged:.0} msg/s through the bridge, \
          {direct:.0} msg/s direct ({:.0}%)",

@@ -222,7 +222,7 @@ fn attack_with(mode: &str, extra: &[&str], expect: &[&str], during: impl Fn(&Are
         p99 / base_p99,
         hwm
     );
-    record(&line);
+    vios_tests::record_figure(&line);
     assert!(
         took < Duration::from_secs(seconds - 1),
         "measurements outlasted the attack: {took:?}"
@@ -252,16 +252,6 @@ fn attack_with(mode: &str, extra: &[&str], expect: &[&str], during: impl Fn(&Are
 fn tail(s: &str) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-/// Appends a line to the figures file the test command prints at the end.
-fn record(line: &str) {
-    eprintln!("{line}");
-    let path = vios_tests::bin_dir().join("vios-figures.txt");
-    let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-    text.push_str(line);
-    text.push('\n');
-    let _ = std::fs::write(path, text);
 }
 
 #[test]

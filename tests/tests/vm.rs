@@ -382,16 +382,6 @@ fn guest_started_after_the_host_bridge_then_removed() {
         .wait_log("guest late: stopped", 1, Duration::from_secs(10));
 }
 
-/// Appends a line to the figures file the test command prints at the end.
-fn record(line: &str) {
-    eprintln!("{line}");
-    let path = vios_tests::bin_dir().join("vios-figures.txt");
-    let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-    text.push_str(line);
-    text.push('\n');
-    let _ = std::fs::write(path, text);
-}
-
 /// The raw port (plain writes and reads on the device, the host side read
 /// and written by the test itself) beside guest clients through the bridge,
 /// measured the same way on the same guest.
@@ -468,10 +458,10 @@ fn figures_raw_port_and_through_the_bridge() {
     };
     let up = bulk(&mut vm, 7001, "up");
     let down = bulk(&mut vm, 7002, "down");
-    record(&format!(
+    vios_tests::record_figure(&format!(
         "VM (TCG) raw virtio-serial port: {raw_up:.0} MB/s guest->host (64 KiB writes), {raw_down:.0} MB/s host->guest"
     ));
-    record(&format!(
+    vios_tests::record_figure(&format!(
         "VM (TCG) one stream through both bridges: {up:.0} MB/s guest->host ({:.0}% of raw), {down:.0} MB/s host->guest ({:.0}% of raw)",
         100.0 * up / raw_up,
         100.0 * down / raw_down
@@ -479,11 +469,11 @@ fn figures_raw_port_and_through_the_bridge() {
     if let Some(json) = amqp_in_guest(&mut vm, 8, 10_000, 1024) {
         let rate = json_num(&json, "msgs_per_sec");
         let mb = json_num(&json, "mb_per_sec");
-        record(&format!("VM (TCG) AMQP from the guest, 8 connections x 10000 messages (0-1 KiB): {rate:.0} msg/s, {mb:.1} MB/s"));
+        vios_tests::record_figure(&format!("VM (TCG) AMQP from the guest, 8 connections x 10000 messages (0-1 KiB): {rate:.0} msg/s, {mb:.1} MB/s"));
     }
     if let Some(json) = amqp_in_guest(&mut vm, 4, 2000, 65536) {
         let rate = json_num(&json, "msgs_per_sec");
         let mb = json_num(&json, "mb_per_sec");
-        record(&format!("VM (TCG) AMQP from the guest, 4 connections x 2000 messages (0-64 KiB): {rate:.0} msg/s, {mb:.1} MB/s"));
+        vios_tests::record_figure(&format!("VM (TCG) AMQP from the guest, 4 connections x 2000 messages (0-64 KiB): {rate:.0} msg/s, {mb:.1} MB/s"));
     }
 }

@@ -237,12 +237,3 @@ impl Stats {
             .u64s("read_per_s", &self.read_per_s);
     }
 }
-
-impl Json {
-    pub fn opt_f64(&mut self, k: &str, v: Option<f64>) -> &mut Self {
-        match v {
-            Some(v) => self.f64(k, v, 3),
-            None => self.null(k),
-        }
-    }
-}

@@ -25,12 +25,13 @@
 
 mod bulk;
 mod hold;
-mod json;
 mod net;
 mod rtt;
 mod serve;
 mod setup;
 mod sys;
+
+use vios_tests::tool::json;
 
 use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};

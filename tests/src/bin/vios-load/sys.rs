@@ -1,96 +1,15 @@
-//! Process-level pieces: the stop flag set by SIGTERM/SIGINT, CPU and memory
-//! figures, the shared byte pattern, latency summaries and error lists.
+//! Process-level pieces: the shared byte pattern, latency summaries and error
+//! lists (the stop flag, CPU and memory come from `vios_tests::tool::process`).
 
-use std::ffi::{c_int, c_long};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use crate::json::Json;
 
-// ---------------------------------------------------------------- signals
+// ------------------------------------------------- signals, CPU and memory
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" {
-    fn signal(signum: c_int, handler: extern "C" fn(c_int)) -> usize;
-    fn _exit(status: c_int) -> !;
-    fn getrusage(who: c_int, usage: *mut Rusage) -> c_int;
-}
-
-const SIGINT: c_int = 2;
-const SIGTERM: c_int = 15;
-
-extern "C" fn on_signal(_sig: c_int) {
-    // First signal: ask the event loops to wind up and report. A second one
-    // means "now": leave without a report.
-    if STOP.swap(true, Ordering::SeqCst) {
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { _exit(130) }
-    }
-}
-
-/// SIGTERM and SIGINT set the stop flag instead of killing the process.
-pub fn install_signal_handlers() {
-    // SAFETY: the handler only touches an atomic and calls _exit.
-    unsafe {
-        signal(SIGINT, on_signal);
-        signal(SIGTERM, on_signal);
-    }
-}
-
-pub fn stop_requested() -> bool {
-    STOP.load(Ordering::Relaxed)
-}
-
-pub fn request_stop() {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-pub fn clear_stop() {
-    STOP.store(false, Ordering::SeqCst);
-}
-
-// ---------------------------------------------------------------- CPU and memory
-
-#[repr(C)]
-#[derive(Default)]
-struct Timeval {
-    sec: c_long,
-    usec: c_long,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct Rusage {
-    utime: Timeval,
-    stime: Timeval,
-    rest: [c_long; 14],
-}
-
-/// User and system CPU seconds used so far by the whole process (all threads).
-pub fn cpu_seconds() -> (f64, f64) {
-    let mut r = Rusage::default();
-    // SAFETY: RUSAGE_SELF (0) fills a struct rusage, which `Rusage` lays out.
-    if unsafe { getrusage(0, &mut r) } != 0 {
-        return (f64::NAN, f64::NAN);
-    }
-    let t = |tv: &Timeval| tv.sec as f64 + tv.usec as f64 / 1e6;
-    (t(&r.utime), t(&r.stime))
-}
-
-/// Resident set size now and at its peak, in KiB, from /proc/self/status.
-pub fn rss_kib() -> (Option<u64>, Option<u64>) {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
-        return (None, None);
-    };
-    let field = |name: &str| {
-        s.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
+pub use vios_tests::tool::process::{
+    clear_stop, cpu_seconds, install_signal_handlers, request_stop, rss_kib, stop_requested,
+};
 
 // ---------------------------------------------------------------- pattern
 

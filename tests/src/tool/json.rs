@@ -1,4 +1,4 @@
-//! A one-line JSON object writer: enough for the reports, without serde.
+//! A one-line JSON object writer for the test tools' reports, without serde.
 
 use std::fmt::Write;
 
@@ -38,6 +38,14 @@ impl Json {
         }
     }
 
+    /// A number with 3 decimals, or null.
+    pub fn opt_f64(&mut self, k: &str, v: Option<f64>) -> &mut Self {
+        match v {
+            Some(v) => self.f64(k, v, 3),
+            None => self.null(k),
+        }
+    }
+
     pub fn opt_str(&mut self, k: &str, v: Option<&str>) -> &mut Self {
         match v {
             Some(v) => self.str(k, v),
@@ -72,6 +80,15 @@ impl Json {
         self
     }
 
+    /// An array of already finished JSON values.
+    pub fn raw_array(&mut self, k: &str, items: &[String]) -> &mut Self {
+        let b = self.key(k);
+        b.push('[');
+        b.push_str(&items.join(","));
+        b.push(']');
+        self
+    }
+
     pub fn strs(&mut self, k: &str, v: &[String]) -> &mut Self {
         let b = self.key(k);
         b.push('[');
@@ -83,6 +100,28 @@ impl Json {
         }
         b.push(']');
         self
+    }
+
+    pub fn u64s(&mut self, k: &str, v: &[u64]) -> &mut Self {
+        let b = self.key(k);
+        b.push('[');
+        for (i, n) in v.iter().enumerate() {
+            if i > 0 {
+                b.push(',');
+            }
+            let _ = write!(b, "{n}");
+        }
+        b.push(']');
+        self
+    }
+
+    /// An object of counters.
+    pub fn counts<'a>(&mut self, k: &str, v: impl IntoIterator<Item = (&'a String, &'a u64)>) -> &mut Self {
+        let mut o = Json::new();
+        for (name, n) in v {
+            o.u64(name, *n);
+        }
+        self.obj(k, o)
     }
 
     pub fn finish(mut self) -> String {
@@ -110,27 +149,4 @@ fn escape(out: &mut String, s: &str) {
         }
     }
     out.push('"');
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn writes_one_line() {
-        let mut inner = Json::new();
-        inner.f64("p50", 12.345, 1).null("x");
-        let mut j = Json::new();
-        j.str("cmd", "a\"b\n\u{1}")
-            .u64("n", 7)
-            .bool("ok", true)
-            .f64("nan", f64::NAN, 2)
-            .obj("us", inner)
-            .strs("errors", &["e1".to_string()]);
-        assert_eq!(
-            j.finish(),
-            r#"{"cmd":"a\"b\n\u0001","n":7,"ok":true,"nan":null,"us":{"p50":12.3,"x":null},"errors":["e1"]}"#
-        );
-        assert_eq!(Json::new().finish(), "{}");
-    }
 }
