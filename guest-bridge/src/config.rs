@@ -66,7 +66,7 @@ pub struct Cli {
 
     /// Credit each stream starts with: bytes the host may send before the
     /// client has read them.
-    #[arg(long, value_name = "BYTES", env = "VIOS_WINDOW", default_value = "256K", value_parser = parse_window)]
+    #[arg(long, value_name = "BYTES", env = "VIOS_WINDOW", default_value = "64K", value_parser = parse_window)]
     pub window: u32,
 
     /// Largest frame payload accepted from the host.

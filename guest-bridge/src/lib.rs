@@ -147,9 +147,7 @@ impl Bridge {
                 } else if t.0 >= LISTENERS {
                     accept_from.push(t.0 - LISTENERS);
                 } else {
-                    let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                    let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                    self.mux.ready(t, readable, writable, self.poll.registry());
+                    self.mux.ready(ev, self.poll.registry());
                 }
             }
             if stopping.is_none() {

@@ -1,7 +1,11 @@
 //! Local listeners: TCP on loopback and unix sockets.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+use socket2::{Domain, SockAddr, Socket, Type};
 
 use mio::net::{TcpListener, UnixListener};
 use mio::{Interest, Registry, Token};
@@ -26,7 +30,7 @@ impl Listener {
     /// path that is not a socket, or a socket someone still listens on, is an error.
     pub fn bind(spec: &ListenSpec) -> io::Result<Listener> {
         let sock = match &spec.addr {
-            ListenAddr::Tcp(a) => Sock0::Tcp(TcpListener::bind(*a)?),
+            ListenAddr::Tcp(a) => Sock0::Tcp(bind_tcp(*a)?),
             ListenAddr::Unix(path) => {
                 if let Ok(meta) = std::fs::symlink_metadata(path) {
                     if !meta.file_type().is_socket() {
@@ -43,7 +47,7 @@ impl Listener {
                     }
                     std::fs::remove_file(path)?;
                 }
-                Sock0::Unix(UnixListener::bind(path)?)
+                Sock0::Unix(bind_unix(path)?)
             }
         };
         Ok(Listener {
@@ -87,4 +91,25 @@ impl Listener {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Pending connections the kernel queues before accept: mio's 128 drops SYNs
+/// when hundreds of clients connect at once.
+const BACKLOG: i32 = 1024;
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(BACKLOG)?;
+    s.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(s.into()))
+}
+
+fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    s.bind(&SockAddr::unix(path)?)?;
+    s.listen(BACKLOG)?;
+    s.set_nonblocking(true)?;
+    Ok(UnixListener::from_std(s.into()))
 }

@@ -88,7 +88,7 @@ pub struct Cli {
 
     /// Credit each stream starts with: bytes a guest may send before the
     /// service has taken them.
-    #[arg(long, value_name = "BYTES", env = "VIOS_WINDOW", default_value = "256K", value_parser = parse_window)]
+    #[arg(long, value_name = "BYTES", env = "VIOS_WINDOW", default_value = "64K", value_parser = parse_window)]
     pub window: u32,
 
     /// Largest frame payload accepted from a guest.

@@ -201,9 +201,7 @@ impl Worker {
                 }
                 let i = ev.token().0 >> CHANNEL_SHIFT;
                 if let Some(Some(mux)) = self.slots.get_mut(i) {
-                    let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                    let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                    mux.ready(ev.token(), readable, writable, self.poll.registry());
+                    mux.ready(ev, self.poll.registry());
                 }
             }
             while let Ok(c) = self.control.try_recv() {

@@ -41,8 +41,10 @@ pub struct Conn {
     pub write_shut: bool,
     /// The socket reached end-of-file and FIN was sent.
     pub read_eof: bool,
-    /// Edge-triggered readiness, remembered until `WouldBlock`.
+    /// Edge-triggered readiness, remembered until `WouldBlock` (or a short read).
     pub readable: bool,
+    /// The last event said end-of-file or an error is queued: read until it.
+    pub closing: bool,
     pub writable: bool,
     /// In the mux's ready queue.
     pub queued: bool,
@@ -92,6 +94,7 @@ impl Conn {
             write_shut: false,
             read_eof: false,
             readable: false,
+            closing: false,
             writable: false,
             queued: false,
             bytes_in: 0,

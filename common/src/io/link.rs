@@ -34,8 +34,6 @@ const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often an absent host is looked for without an edge.
 const DEVICE_POLL: Duration = Duration::from_secs(1);
-/// Socket buffer size asked for on a unix-socket channel.
-const CHANNEL_SOCKET_BUFFER: usize = 4 << 20;
 /// A failure repeated this long is reported loudly again.
 pub const REPORT_AGAIN: Duration = Duration::from_secs(60);
 /// Bytes read from the channel per turn before other work gets a go.
@@ -126,6 +124,8 @@ pub struct Link {
     last_failure: Option<(String, Instant)>,
     readable: bool,
     writable: bool,
+    /// The last event said end-of-file or an error is queued.
+    closing: bool,
 }
 
 impl Link {
@@ -141,6 +141,7 @@ impl Link {
             last_failure: None,
             readable: false,
             writable: false,
+            closing: false,
         }
     }
 
@@ -165,9 +166,10 @@ impl Link {
         self.io.is_some() && self.readable
     }
 
-    pub fn ready(&mut self, readable: bool, writable: bool) {
+    pub fn ready(&mut self, readable: bool, writable: bool, closing: bool) {
         self.readable |= readable;
         self.writable |= writable;
+        self.closing |= closing;
     }
 
     /// Connects or re-polls when due.
@@ -193,6 +195,7 @@ impl Link {
                 self.io = Some(io);
                 self.readable = true;
                 self.writable = true;
+                self.closing = false;
                 self.backoff = RETRY_FIRST;
                 self.last_failure = None;
                 session.link_up(now);
@@ -234,12 +237,6 @@ impl Link {
                 if let Some(e) = s.take_error()? {
                     return Err(e);
                 }
-                // Larger socket buffers: fewer, larger writes and wake-ups on
-                // a path that carries every stream (capped by the kernel's
-                // net.core.wmem_max / rmem_max; failure is harmless).
-                let sock = socket2::SockRef::from(&s);
-                let _ = sock.set_send_buffer_size(CHANNEL_SOCKET_BUFFER);
-                let _ = sock.set_recv_buffer_size(CHANNEL_SOCKET_BUFFER);
                 registry.register(&mut s, self.token, interest)?;
                 Ok(Io::Unix(s))
             }
@@ -285,15 +282,22 @@ impl Link {
                 return None; // the session is backed up; the flag stays set
             }
             let io = self.io.as_mut()?;
-            let r = match io {
-                Io::Unix(s) => s.read(space),
-                Io::Device(f, _) => f.read(space),
+            let room = space.len();
+            let (r, socket) = match io {
+                Io::Unix(s) => (s.read(space), true),
+                Io::Device(f, _) => (f.read(space), false),
             };
             match r {
                 Ok(0) => return self.gone(now, registry, session, "end of file".into()),
                 Ok(n) => {
                     session.recv_commit(n);
                     total += n;
+                    // A short read drains a socket (not the device, which
+                    // returns at most a page per read): skip the read that
+                    // would only say WouldBlock.
+                    if socket && n < room && !self.closing {
+                        self.readable = false;
+                    }
                     if let Some(news) = self.host_seen() {
                         return Some(news);
                     }

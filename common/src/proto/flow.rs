@@ -108,7 +108,7 @@ impl RecvWindow {
 
     /// Accounts for `n` bytes passed onward, with `backlog` bytes still
     /// waiting for the consumer. Returns the increment to send in a CREDIT
-    /// once at least half the window is owed (so credit goes out in a few
+    /// once at least a quarter of the window is owed (so credit goes out in a few
     /// large frames rather than one per write), tuning the window at that
     /// moment: growth up to `max` comes out of `pool`, shrinking goes back in.
     pub fn on_consumed(&mut self, n: u32, backlog: u32, max: u32, pool: &mut u64) -> Option<u32> {
@@ -117,7 +117,7 @@ impl RecvWindow {
         let held = self.window - self.avail - self.unacked;
         debug_assert!(n <= held, "consumed {n} bytes but only {held} are held");
         self.unacked += n.min(held);
-        if self.unacked < (self.window / 2).max(1) {
+        if self.unacked < (self.window / 4).max(1) {
             return None;
         }
         let mut inc = self.unacked;
@@ -159,13 +159,14 @@ mod tests {
     }
 
     #[test]
-    fn receive_window_grants_at_half() {
+    fn receive_window_grants_at_a_quarter() {
         let mut w = RecvWindow::new(100);
         assert_eq!(w.on_data(60), Ok(()));
         assert_eq!(w.on_data(41), Err(CreditOverrun { len: 41, avail: 40 }));
         let mut pool = 0;
-        assert_eq!(w.on_consumed(30, 0, 100, &mut pool), None);
-        assert_eq!(w.on_consumed(20, 0, 100, &mut pool), Some(50));
+        assert_eq!(w.on_consumed(24, 0, 100, &mut pool), None);
+        assert_eq!(w.on_consumed(1, 0, 100, &mut pool), Some(25));
+        assert_eq!(w.on_consumed(25, 0, 100, &mut pool), Some(25));
         assert_eq!(w.on_data(90), Ok(()));
         assert_eq!(w.on_data(1), Err(CreditOverrun { len: 1, avail: 0 }));
     }

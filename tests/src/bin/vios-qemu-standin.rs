@@ -30,7 +30,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 /// Bytes kept for an absent guest, like QEMU's buffering (about 230 KB).
 const ABSENT_GUEST_BUFFER: usize = 230 * 1024;
 /// Bytes relayed in one direction before the reader is paused.
-const RELAY_BUFFER: usize = 1024 * 1024;
+/// Bytes relayed in one direction before the reader is paused (QEMU holds
+/// about as much).
+const RELAY_BUFFER: usize = 256 * 1024;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -196,7 +198,6 @@ impl Relay {
     fn accept(&mut self) -> io::Result<()> {
         if self.host.conn.is_none() {
             if let Ok((mut c, _)) = self.host_l.accept() {
-                big_buffers(&c);
                 self.poll
                     .registry()
                     .register(&mut c, HOST_C, Interest::READABLE | Interest::WRITABLE)?;
@@ -210,7 +211,6 @@ impl Relay {
         // Without a host, a guest sees "no host": it is not served.
         if self.guest.conn.is_none() && self.host.conn.is_some() {
             if let Ok((mut c, _)) = self.guest_l.accept() {
-                big_buffers(&c);
                 self.poll
                     .registry()
                     .register(&mut c, GUEST_C, Interest::READABLE | Interest::WRITABLE)?;
@@ -273,13 +273,6 @@ impl Relay {
             }
         }
     }
-}
-
-/// Socket buffers like the bridges ask for on their channel sockets.
-fn big_buffers(c: &UnixStream) {
-    let s = socket2::SockRef::from(c);
-    let _ = s.set_send_buffer_size(4 << 20);
-    let _ = s.set_recv_buffer_size(4 << 20);
 }
 
 /// A flat byte buffer with a moving start: reads land straight in it and

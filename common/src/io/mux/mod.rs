@@ -183,18 +183,24 @@ impl Mux {
         Ok(())
     }
 
-    /// Readiness for `token` (the link or one of this mux's connections).
-    pub fn ready(&mut self, token: Token, readable: bool, writable: bool, registry: &Registry) {
-        if token == self.link.token() {
-            self.link.ready(readable, writable);
+    /// A readiness event for the link or one of this mux's connections.
+    pub fn ready(&mut self, ev: &mio::event::Event, registry: &Registry) {
+        let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+        let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+        // End of file (or an error) is already queued: it must be read, so a
+        // short read must not be taken as "drained" (see serve_ready).
+        let closing = ev.is_read_closed() || ev.is_error();
+        if ev.token() == self.link.token() {
+            self.link.ready(readable, writable, closing);
             return;
         }
-        let key = token.0 - self.token_base - 1;
+        let key = ev.token().0 - self.token_base - 1;
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         conn.readable |= readable;
         conn.writable |= writable;
+        conn.closing |= closing;
         if conn.phase == Phase::Connecting {
             match conn.sock.connect_result() {
                 Ok(false) => return,

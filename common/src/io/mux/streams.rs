@@ -100,6 +100,7 @@ impl Mux {
             let Some(space) = self.session.send_space(stream) else {
                 continue;
             };
+            let room = space.len();
             let r = conn.sock.read(space);
             let n = *r.as_ref().unwrap_or(&0);
             self.session.send_commit(stream, n);
@@ -115,7 +116,14 @@ impl Mux {
                 Ok(n) => {
                     conn.bytes_in += n as u64;
                     conn.last_active = now;
-                    self.enqueue(key);
+                    if n < room && !conn.closing {
+                        // A short read drained the socket: skip the read that
+                        // would only say WouldBlock. Edge-triggered epoll
+                        // reports every later arrival.
+                        conn.readable = false;
+                    } else {
+                        self.enqueue(key);
+                    }
                 }
                 Err(e) if would_block(&e) => conn.readable = false,
                 Err(e) if interrupted(&e) => self.enqueue(key),

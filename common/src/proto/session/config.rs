@@ -33,8 +33,11 @@ pub struct Config {
     pub window_pool: u32,
 }
 
-pub const DEFAULT_WINDOW_MAX: u32 = 4 << 20;
-pub const DEFAULT_WINDOW_POOL: u32 = 16 << 20;
+/// The window a stream may grow to: enough for one stream to use the path,
+/// small enough that a bulk stream does not queue more than about half a
+/// millisecond of data in front of other streams (see docs/BENCH.md).
+pub const DEFAULT_WINDOW_MAX: u32 = 768 << 10;
+pub const DEFAULT_WINDOW_POOL: u32 = 12 << 20;
 
 /// Rate limits on what the peer sends. A rate of 0 means unlimited.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,7 +90,7 @@ impl Default for Policy {
 }
 
 pub const DEFAULT_MAX_FRAME_PAYLOAD: u32 = 256 * 1024;
-pub const DEFAULT_INITIAL_WINDOW: u32 = 256 * 1024;
+pub const DEFAULT_INITIAL_WINDOW: u32 = 64 * 1024;
 pub const DEFAULT_MAX_STREAMS: u32 = 1024;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u32 = 15_000;
 pub const DEFAULT_TX_HIGH_WATER: usize = 1024 * 1024;
