@@ -52,15 +52,28 @@ impl Bucket {
 
     /// When the next token will be there (`now` if one is).
     pub fn next_token(&mut self, now: Instant) -> Instant {
+        self.ready_at(now, 1)
+    }
+
+    /// When `want` tokens (at most the burst) will be there. Waiting for a
+    /// batch rather than the next token keeps a throttled consumer from
+    /// waking once per token.
+    pub fn ready_at(&mut self, now: Instant, want: u32) -> Instant {
         if self.unlimited() {
             return now;
         }
         self.refill(now);
-        if self.tokens >= 1.0 {
+        let want = f64::from(want.max(1)).min(self.burst);
+        if self.tokens >= want {
             now
         } else {
-            now + Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+            now + Duration::from_secs_f64((want - self.tokens) / self.rate)
         }
+    }
+
+    /// Tokens added per `d` (0 when unlimited).
+    pub fn per(&self, d: Duration) -> u32 {
+        (self.rate * d.as_secs_f64()) as u32
     }
 }
 
@@ -80,6 +93,17 @@ mod tests {
         // A long pause refills only up to the burst.
         let later = t0 + Duration::from_secs(100);
         assert_eq!((0..10).filter(|_| b.take(later)).count(), 5);
+    }
+
+    #[test]
+    fn waits_for_a_batch() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(1000, 100);
+        assert!((0..100).all(|_| b.take(t0)));
+        assert_eq!(b.ready_at(t0, 5), t0 + Duration::from_millis(5));
+        // Never more than the burst.
+        assert_eq!(b.ready_at(t0, 1_000_000), t0 + Duration::from_millis(100));
+        assert_eq!(b.per(Duration::from_millis(5)), 5);
     }
 
     #[test]

@@ -76,6 +76,10 @@ const MAX_DISCARD_PER_HANDSHAKE: u64 = 8 << 20;
 /// so a peer cannot make the receiver run handshakes in a tight loop.
 const MIN_SESSION: Duration = Duration::from_secs(1);
 
+/// How long a peer that ran out of frame tokens waits, at least: its input is
+/// then taken in batches of this much of its rate.
+const THROTTLE_BATCH: Duration = Duration::from_millis(1);
+
 #[derive(Debug)]
 struct Established {
     info: SessionInfo,
@@ -713,10 +717,12 @@ impl Session {
             return true;
         }
         self.throttled_until = None;
-        let next = self.limits.frames.next_token(now);
-        if next > now {
+        // Once out of tokens, wait for THROTTLE_BATCH worth of them: a flood
+        // is then served in a few batches a second, not one wake-up a frame.
+        if self.limits.frames.next_token(now) > now {
+            let batch = self.limits.frames.per(THROTTLE_BATCH);
             self.stats.throttled += 1;
-            self.throttled_until = Some(next);
+            self.throttled_until = Some(self.limits.frames.ready_at(now, batch));
             return true;
         }
         false
