@@ -284,7 +284,7 @@ mod tests {
             vec![PathBuf::from("/run/a"), PathBuf::from("/run/b")]
         );
         assert_eq!(cli.services[0].addr, "127.0.0.1:5672".parse().unwrap());
-        assert_eq!(cli.window, 256 * 1024);
+        assert_eq!(cli.window, 64 * 1024);
         assert_eq!(cli.idle_timeout, Duration::from_secs(15));
     }
 
