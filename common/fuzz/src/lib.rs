@@ -326,6 +326,7 @@ pub struct Harness {
     guest: Session,
     max_streams: u32,
     window: u32,
+    window_max: u32,
     max_frame: u32,
     rx_capacity: usize,
     auto_consume: bool,
@@ -376,6 +377,7 @@ impl Harness {
             now: Instant::now(),
             max_streams: cfg.limits.max_streams,
             window: cfg.limits.initial_window,
+            window_max: cfg.window_max,
             max_frame: cfg.limits.max_frame_payload,
             rx_capacity,
             host: Session::new(cfg, 2),
@@ -849,7 +851,16 @@ impl Harness {
             self.max_frame
         );
         self.counts.data_bytes += n as u64;
-        let window = self.window;
+        // The window the host granted this stream: the initial one, grown
+        // while the application kept up (PROTOCOL.md §6), at most the
+        // initial window plus the configured maximum.
+        let window = self.host.recv_window(stream);
+        assert!(
+            window >= self.window && window <= self.window.max(self.window_max),
+            "stream {stream}: window {window} outside [{}, {}]",
+            self.window,
+            self.window.max(self.window_max)
+        );
         let Some(s) = self.live.get_mut(&stream) else {
             panic!("DATA event for stream {stream}, which the host never reported open (or already gone)");
         };

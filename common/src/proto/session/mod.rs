@@ -246,6 +246,15 @@ impl Session {
             .map_or(0, |s| s.send.available())
     }
 
+    /// The receive window of `stream` as granted so far: the initial window
+    /// plus any growth (0 for an unknown stream). The peer may have at most
+    /// this many bytes of the stream received and not yet consumed.
+    pub fn recv_window(&self, stream: StreamId) -> u32 {
+        self.est_ref()
+            .and_then(|e| e.streams.get(&stream))
+            .map_or(0, |s| s.recv.window())
+    }
+
     // ---- link ----
 
     /// The channel is connected: start a handshake (or wait out a backoff).
