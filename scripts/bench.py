@@ -243,16 +243,26 @@ class Ctx:
 
     def client(self, argv, timeout, tag):
         """Runs one vios-load client to completion; returns its JSON (or a failure dict)."""
-        self.clientlog.write(f"--- {tag}: {' '.join(argv)}\n")
+        return self.finish_client(self.start_client(argv, tag), argv[0], timeout)
+
+    def start_client(self, argv, tag):
+        """Starts `vios-load ARGV` in the background, logged to the client log."""
+        self.clientlog.write(f"--- {tag}: {' '.join([self.load()] + argv)}\n")
         self.clientlog.flush()
-        p = REG.start([self.load()] + argv, stdout=subprocess.PIPE, stderr=self.clientlog)
+        return REG.start([self.load()] + argv, stdout=subprocess.PIPE, stderr=self.clientlog)
+
+    def finish_client(self, p, cmd, timeout, stop=False):
+        """Waits for a client's JSON report (after SIGTERM when `stop`); a
+        failure dict when there is none within `timeout` seconds."""
+        if stop and p.poll() is None:
+            os.kill(p.pid, signal.SIGTERM)
         try:
             out, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             REG.stop(p, sig=signal.SIGKILL, group=True)
-            return {"cmd": argv[0], "ok": False, "errors": [f"bench: no report within {timeout}s"]}
+            return {"cmd": cmd, "ok": False, "errors": [f"bench: no report within {timeout}s"]}
         REG.stop(p)
-        return parse_report(out, argv[0])
+        return parse_report(out, cmd)
 
 
 def parse_report(out, cmd):
@@ -617,24 +627,13 @@ def t_rtt(ctx, res, path, rep, streams, count):
 def t_loaded(ctx, res, path, rep, count):
     """rtt on one connection while one bulk `up` stream saturates another of the same path."""
     path.idle()
-    argv = [ctx.load(), "bulk", "--connect", path.addr["sink"], "--streams", "1", "--bytes", str(1 << 40),
-            "--direction", "up", "--timeout", "600s"]
-    ctx.clientlog.write(f"--- {rep} {path.name} loaded background: {' '.join(argv)}\n")
-    ctx.clientlog.flush()
-    bg = REG.start(argv, stdout=subprocess.PIPE, stderr=ctx.clientlog)
+    bg = ctx.start_client(["bulk", "--connect", path.addr["sink"], "--streams", "1", "--bytes", str(1 << 40),
+                           "--direction", "up", "--timeout", "600s"], f"{rep} {path.name} loaded background")
     time.sleep(0.5)
     r = ctx.client(["rtt", "--connect", path.addr["echo"], "--streams", "1", "--count", str(count),
                     "--size", "64", "--timeout", "300s"], 400, f"{rep} {path.name} rtt_loaded")
     still = bg.poll() is None
-    if still:
-        os.kill(bg.pid, signal.SIGTERM)
-    try:
-        out, _ = bg.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        REG.stop(bg, sig=signal.SIGKILL, group=True)
-        out = b""
-    REG.stop(bg)
-    b = parse_report(out, "bulk")
+    b = ctx.finish_client(bg, "bulk", 30, stop=True)
     ctx.record({"rep": rep, "path": path.name, "test": "rtt_loaded", "result": r, "background": b,
                 "background_ran_throughout": still})
     if not still:
@@ -665,11 +664,8 @@ def hold(ctx, path, rep, n):
     rf = os.path.join(ctx.work, f"hold-{path.name}-{n}.ready")
     if os.path.exists(rf):
         os.unlink(rf)
-    argv = [ctx.load(), "hold", "--connect", path.addr["echo"], "--streams", str(n), "--seconds", "300s",
-            "--ready-file", rf, "--timeout", "120s"]
-    ctx.clientlog.write(f"--- {rep} {path.name} hold {n}: {' '.join(argv)}\n")
-    ctx.clientlog.flush()
-    p = REG.start(argv, stdout=subprocess.PIPE, stderr=ctx.clientlog)
+    p = ctx.start_client(["hold", "--connect", path.addr["echo"], "--streams", str(n), "--seconds", "300s",
+                          "--ready-file", rf, "--timeout", "120s"], f"{rep} {path.name} hold {n}")
     end = time.monotonic() + 150
     state = ""
     while time.monotonic() < end and p.poll() is None:
@@ -685,15 +681,7 @@ def hold(ctx, path, rep, n):
         smp.start()
         time.sleep(0.6)
         rss = smp.stop()
-    if p.poll() is None:
-        os.kill(p.pid, signal.SIGTERM)
-    try:
-        out, _ = p.communicate(timeout=150)
-    except subprocess.TimeoutExpired:
-        REG.stop(p, sig=signal.SIGKILL, group=True)
-        out = b""
-    REG.stop(p)
-    r = parse_report(out, "hold")
+    r = ctx.finish_client(p, "hold", 150, stop=True)
     ctx.record({"rep": rep, "path": path.name, "test": f"hold_{n}", "result": r, "ready": state,
                 "relay": {"rss_kib": rss}})
     if state != "ready" or not r.get("ok"):

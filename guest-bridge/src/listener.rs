@@ -98,18 +98,23 @@ impl Listener {
 const BACKLOG: i32 = 1024;
 
 fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.bind(&addr.into())?;
-    s.listen(BACKLOG)?;
-    s.set_nonblocking(true)?;
+    let s = listen_on(Domain::for_address(addr), &addr.into(), true)?;
     Ok(TcpListener::from_std(s.into()))
 }
 
 fn bind_unix(path: &Path) -> io::Result<UnixListener> {
-    let s = Socket::new(Domain::UNIX, Type::STREAM, None)?;
-    s.bind(&SockAddr::unix(path)?)?;
+    let s = listen_on(Domain::UNIX, &SockAddr::unix(path)?, false)?;
+    Ok(UnixListener::from_std(s.into()))
+}
+
+/// A non-blocking stream socket listening on `addr` with [`BACKLOG`].
+fn listen_on(domain: Domain, addr: &SockAddr, reuse_address: bool) -> io::Result<Socket> {
+    let s = Socket::new(domain, Type::STREAM, None)?;
+    if reuse_address {
+        s.set_reuse_address(true)?;
+    }
+    s.bind(addr)?;
     s.listen(BACKLOG)?;
     s.set_nonblocking(true)?;
-    Ok(UnixListener::from_std(s.into()))
+    Ok(s)
 }

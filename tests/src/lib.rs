@@ -394,6 +394,19 @@ pub fn standin_at(host: &Path, guest: &Path, log: PathBuf) -> Proc {
     p
 }
 
+/// Starts a guest bridge on the channel socket `channel` (a stand-in's guest
+/// side) serving `service` on `127.0.0.1:port`.
+pub fn guest_bridge_at(name: &str, channel: &Path, port: u16, service: &str, log: PathBuf) -> Proc {
+    Proc::spawn(
+        name,
+        Command::new(bin("vios-guest-bridge"))
+            .arg("--channel")
+            .arg(format!("unix:{}", channel.display()))
+            .args(["--listen", &format!("127.0.0.1:{port}={service}")]),
+        log,
+    )
+}
+
 pub fn wait_path(p: &Path, timeout: Duration) {
     let end = Instant::now() + timeout;
     while !p.exists() {

@@ -437,7 +437,7 @@ fn unix_socket_listener_carries_streams() {
 #[test]
 fn guests_found_in_a_guest_dir_come_and_go() {
     use std::process::Command;
-    use vios_tests::{bin, standin_at, Proc, TempDir};
+    use vios_tests::{bin, guest_bridge_at, standin_at, Proc, TempDir};
     let server = Server::start(Mode::Echo);
     let dir = TempDir::new("guestdir");
     let guests = dir.join("channels");
@@ -460,12 +460,11 @@ fn guests_found_in_a_guest_dir_come_and_go() {
         dir.join("standin.log"),
     );
     let port = vios_tests::free_port();
-    let guest = Proc::spawn(
+    let guest = guest_bridge_at(
         "guest-bridge",
-        Command::new(bin("vios-guest-bridge"))
-            .arg("--channel")
-            .arg(format!("unix:{}", dir.join("g.sock").display()))
-            .args(["--listen", &format!("127.0.0.1:{port}=echo")]),
+        &dir.join("g.sock"),
+        port,
+        "echo",
         dir.join("guest.log"),
     );
     host.wait_log("guest vm1 found in", 1, Duration::from_secs(5));

@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vios_tests::vm::{json_line, json_num};
-use vios_tests::{bin, fd_count, proc_status_kib, standin_at, wait_path, Proc, TempDir};
+use vios_tests::{bin, fd_count, guest_bridge_at, proc_status_kib, standin_at, wait_path, Proc, TempDir};
 
 /// The host bridge's memory may not pass this (VmHWM), whatever the guest does.
 const RSS_BOUND_KIB: u64 = 64 * 1024;
@@ -91,12 +91,11 @@ impl Arena {
             dir.join("host.log"),
         );
         let good_port = vios_tests::free_port();
-        let guest = Proc::spawn(
+        let guest = guest_bridge_at(
             "good-guest-bridge",
-            Command::new(bin("vios-guest-bridge"))
-                .arg("--channel")
-                .arg(format!("unix:{}", good_guest_sock.display()))
-                .args(["--listen", &format!("127.0.0.1:{good_port}=echo")]),
+            &good_guest_sock,
+            good_port,
+            "echo",
             dir.join("good-guest.log"),
         );
         guest.wait_log("session established", 1, Duration::from_secs(10));

@@ -23,7 +23,7 @@ use mio::net::UnixStream;
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
-use super::sock::{interrupted, would_block};
+use super::sock::{drained, interrupted, would_block};
 use crate::proto::Session;
 
 /// `O_NONBLOCK` on Linux for x86, ARM, RISC-V and s390 (std has no constant
@@ -292,10 +292,8 @@ impl Link {
                 Ok(n) => {
                     session.recv_commit(n);
                     total += n;
-                    // A short read drains a socket (not the device, which
-                    // returns at most a page per read): skip the read that
-                    // would only say WouldBlock.
-                    if socket && n < room && !self.closing {
+                    // Not the device: it returns at most a page per read.
+                    if socket && drained(n, room, self.closing) {
                         self.readable = false;
                     }
                     if let Some(news) = self.host_seen() {

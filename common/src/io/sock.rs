@@ -96,6 +96,14 @@ impl Sock {
     }
 }
 
+/// Whether a read of `n` bytes into `room` bytes drained a stream socket, so
+/// that the read that would only say `WouldBlock` can be skipped (readiness
+/// is edge-triggered: every later arrival is reported). Not when end-of-file
+/// or an error is queued behind the data (`closing`): that must still be read.
+pub fn drained(n: usize, room: usize, closing: bool) -> bool {
+    n < room && !closing
+}
+
 pub fn would_block(err: &io::Error) -> bool {
     err.kind() == io::ErrorKind::WouldBlock
 }

@@ -30,6 +30,7 @@ use amiquip::{
     ConsumerMessage, ConsumerOptions, Publish, QueueDeclareOptions,
 };
 use clap::Parser;
+use vios_tests::tool::json::Json;
 
 const CLIENT: &str = "vios-amqp-client";
 /// How often blocking waits wake up to notice that another thread failed.
@@ -119,43 +120,22 @@ impl Shared {
             (0.0, 0.0)
         };
         let errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
-        let errors_json: Vec<String> = errors.iter().map(|e| json_string(e)).collect();
-        let line = format!(
-            "{{\"client\":\"{CLIENT}\",\"connections\":{},\"messages\":{},\"verified\":{},\
-             \"bytes\":{},\"seconds\":{:.3},\"msgs_per_sec\":{:.1},\"mb_per_sec\":{:.3},\
-             \"errors\":[{}]}}",
-            self.connections,
-            self.messages,
-            verified,
-            bytes,
-            secs,
-            rate,
-            mbps,
-            errors_json.join(",")
-        );
+        let mut json = Json::new();
+        json.str("client", CLIENT)
+            .u64("connections", u64::from(self.connections))
+            .u64("messages", self.messages)
+            .u64("verified", verified)
+            .u64("bytes", bytes)
+            .f64("seconds", secs, 3)
+            .f64("msgs_per_sec", rate, 1)
+            .f64("mb_per_sec", mbps, 3)
+            .strs("errors", &errors);
+        let line = json.finish();
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
         process::exit(code);
     }
-}
-
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 // ---------------------------------------------------------------------------

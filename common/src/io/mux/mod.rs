@@ -380,12 +380,14 @@ impl Mux {
                     let conn = self.conns.get_mut(key).expect("mapped key");
                     conn.last_active = now;
                     if bytes.len() < GATHER_BELOW {
+                        // Accounted against the budget when flushed, below:
+                        // what one dispatch gathers is bounded by the input
+                        // buffer.
                         conn.buffer(bytes);
                         if !conn.dirty {
                             conn.dirty = true;
                             self.dirty.push(key);
                         }
-                        self.settle(key, registry);
                     } else {
                         let w = conn.deliver(bytes);
                         self.after_write(key, stream, w, registry);

@@ -8,7 +8,7 @@ use mio::Registry;
 
 use super::Mux;
 use crate::io::conn::{Phase, Written};
-use crate::io::sock::{interrupted, would_block};
+use crate::io::sock::{drained, interrupted, would_block};
 use crate::proto::{Code, Role, StreamId};
 
 /// Reads from sockets per turn before the loop looks at other work.
@@ -52,22 +52,19 @@ impl Mux {
     /// it holds. A stream that would pass the guest's budget is reset; returns
     /// whether the connection is still there.
     pub(super) fn settle(&mut self, key: usize, registry: &Registry) -> bool {
-        let budget = self.cfg.budget.clone();
+        let budget = &self.cfg.budget;
         let conn = self.conns.get_mut(key).expect("live key");
         let held = conn.pending_len();
         if held < conn.reserved {
             budget.release_buffer(conn.reserved - held);
-            conn.reserved = held;
-        } else if held > conn.reserved {
-            if !budget.try_buffer(held - conn.reserved) {
-                let stream = conn.stream;
-                let text = format!("guest buffer limit of {} bytes reached", budget.max_buffered());
-                self.session.reset(stream, Code::ResourceLimit, &text);
-                self.drop_conn(key, registry, &format!("reset: RESOURCE_LIMIT: {text}"), false);
-                return false;
-            }
-            conn.reserved = held;
+        } else if held > conn.reserved && !budget.try_buffer(held - conn.reserved) {
+            let stream = conn.stream;
+            let text = format!("guest buffer limit of {} bytes reached", budget.max_buffered());
+            self.session.reset(stream, Code::ResourceLimit, &text);
+            self.drop_conn(key, registry, &format!("reset: RESOURCE_LIMIT: {text}"), false);
+            return false;
         }
+        conn.reserved = held;
         true
     }
 
@@ -116,10 +113,7 @@ impl Mux {
                 Ok(n) => {
                     conn.bytes_in += n as u64;
                     conn.last_active = now;
-                    if n < room && !conn.closing {
-                        // A short read drained the socket: skip the read that
-                        // would only say WouldBlock. Edge-triggered epoll
-                        // reports every later arrival.
+                    if drained(n, room, conn.closing) {
                         conn.readable = false;
                     } else {
                         self.enqueue(key);

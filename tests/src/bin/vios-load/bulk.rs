@@ -5,7 +5,7 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll};
+use mio::Events;
 use vios_common::cli::{parse_duration, parse_size};
 
 use crate::net::{self, SockOpts, Stream, Target};
@@ -228,13 +228,9 @@ fn worker(a: &Args, threads: usize, ids: Vec<usize>, barrier: &Barrier, deadline
         errors: Errors::default(),
         connected: Instant::now(),
     };
-    let mut poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            out.errors.push(format!("poll: {e}"));
-            start.wait();
-            return out;
-        }
+    let Some(mut poll) = sys::new_poll(&mut out.errors) else {
+        start.wait();
+        return out;
     };
     let mut events = Events::with_capacity(1024);
     let conc = (a.connect_concurrency / threads).max(1);
@@ -333,13 +329,7 @@ fn worker(a: &Args, threads: usize, ids: Vec<usize>, barrier: &Barrier, deadline
         if remaining == 0 {
             break;
         }
-        let why = if sys::stop_requested() {
-            Some("interrupted by a signal")
-        } else if Instant::now() >= deadline {
-            Some("timed out")
-        } else {
-            None
-        };
+        let why = sys::stop_reason(deadline);
         if let Some(why) = why {
             for (k, b) in live.iter_mut().enumerate() {
                 if let Some(b) = b.take() {

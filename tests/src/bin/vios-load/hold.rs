@@ -66,12 +66,8 @@ pub fn run(a: &Args) -> Report {
         .opt_str("ready_file", a.ready_file.as_ref().and_then(|p| p.to_str()))
         .u64("concurrency", a.concurrency as u64)
         .f64("timeout_s", a.timeout.as_secs_f64(), 3);
-    let mut poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            rep.errors.push(format!("poll: {e}"));
-            return rep;
-        }
+    let Some(mut poll) = sys::new_poll(&mut rep.errors) else {
+        return rep;
     };
     let mut events = Events::with_capacity(1024);
 
@@ -241,13 +237,7 @@ fn echo_round(
         if remaining == 0 {
             break;
         }
-        let why = if sys::stop_requested() {
-            Some("interrupted by a signal")
-        } else if Instant::now() >= deadline {
-            Some("timed out")
-        } else {
-            None
-        };
+        let why = sys::stop_reason(deadline);
         if let Some(why) = why {
             for (i, h) in held.iter_mut().enumerate() {
                 if !st[i].done {

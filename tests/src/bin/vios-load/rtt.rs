@@ -3,7 +3,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll};
+use mio::Events;
 use vios_common::cli::{parse_duration, parse_size};
 
 use crate::net::{self, SockOpts, Stream, Target};
@@ -70,12 +70,8 @@ pub fn run(a: &Args) -> Report {
     }
     let size = a.size as usize;
     let deadline = Instant::now() + a.timeout;
-    let mut poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            rep.errors.push(format!("poll: {e}"));
-            return rep;
-        }
+    let Some(mut poll) = sys::new_poll(&mut rep.errors) else {
+        return rep;
     };
     let mut events = Events::with_capacity(1024);
     let opts = SockOpts {
@@ -134,13 +130,7 @@ pub fn run(a: &Args) -> Report {
         if remaining == 0 {
             break;
         }
-        let why = if sys::stop_requested() {
-            Some("interrupted by a signal")
-        } else if Instant::now() >= deadline {
-            Some("timed out")
-        } else {
-            None
-        };
+        let why = sys::stop_reason(deadline);
         if let Some(why) = why {
             for p in live.iter_mut().filter_map(|p| p.take()) {
                 round_trips += p.round;

@@ -4,7 +4,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Token};
 use vios_common::cli::parse_duration;
 
 use crate::net::{self, SockOpts, Stream, Target};
@@ -87,12 +87,8 @@ pub fn run(a: &Args) -> Report {
         .u64("count", a.count)
         .u64("concurrency", conc as u64)
         .f64("timeout_s", a.timeout.as_secs_f64(), 3);
-    let mut poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            rep.errors.push(format!("poll: {e}"));
-            return rep;
-        }
+    let Some(mut poll) = sys::new_poll(&mut rep.errors) else {
+        return rep;
     };
     let mut events = Events::with_capacity(1024);
     let start = Instant::now();
@@ -141,13 +137,7 @@ pub fn run(a: &Args) -> Report {
         if completed + failed >= a.count {
             break;
         }
-        let why = if sys::stop_requested() {
-            Some("interrupted by a signal")
-        } else if Instant::now() >= deadline {
-            Some("timed out")
-        } else {
-            None
-        };
+        let why = sys::stop_reason(deadline);
         if let Some(why) = why {
             for at in slots.iter_mut().filter_map(|s| s.take()) {
                 fail(&mut rep, &mut failed, at.n, why.to_string());

@@ -2,6 +2,9 @@
 //! lists (the stop flag, CPU and memory come from `vios_tests::tool::process`).
 
 use std::sync::OnceLock;
+use std::time::Instant;
+
+use mio::Poll;
 
 use crate::json::Json;
 
@@ -171,6 +174,22 @@ impl Errors {
     pub fn list(&self) -> &[String] {
         &self.list
     }
+}
+
+/// Why a run must stop now: a signal asked for it, or its deadline passed.
+pub fn stop_reason(deadline: Instant) -> Option<&'static str> {
+    if stop_requested() {
+        Some("interrupted by a signal")
+    } else if Instant::now() >= deadline {
+        Some("timed out")
+    } else {
+        None
+    }
+}
+
+/// A new `mio::Poll`; when there is none, the error goes to `errors`.
+pub fn new_poll(errors: &mut Errors) -> Option<Poll> {
+    Poll::new().map_err(|e| errors.push(format!("poll: {e}"))).ok()
 }
 
 /// What a subcommand hands back: its JSON fields (parameters and results) and
