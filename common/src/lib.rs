@@ -9,8 +9,10 @@
 //! - [`io`]: the mio glue both daemons share: a stream's socket and buffers,
 //!   the channel (unix socket or virtio-serial device), and the multiplexer
 //!   that joins them to a session.
-#![forbid(unsafe_code)]
+//! - [`sys`]: the few system calls std does not wrap (the only `unsafe`).
+#![deny(unsafe_code)]
 
 pub mod cli;
 pub mod io;
 pub mod proto;
+pub mod sys;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::Parser;
 use vios_common::cli::{parse_duration, parse_frame, parse_idle, parse_size, parse_window, split_named};
 use vios_common::proto::session::{
-    DEFAULT_CONTROL_RATE, DEFAULT_FRAME_RATE, DEFAULT_OPEN_RATE, DEFAULT_VIOLATIONS_PER_10S,
+    DEFAULT_CONTROL_RATE, DEFAULT_FRAME_RATE, DEFAULT_OPEN_RATE, DEFAULT_SCAN_BYTES_PER_SEC,
+    DEFAULT_SESSIONS_PER_MINUTE, DEFAULT_VIOLATIONS_PER_10S,
 };
 
 const ABOUT: &str = "Host side of the Vios bridge: serves guests' virtio-serial channels \
@@ -113,8 +114,11 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", env = "VIOS_MAX_BUFFERED", default_value = "64M", value_parser = parse_bytes)]
     pub max_buffered: u64,
 
-    /// Stream sockets open at once over all guests [default: the open-files
-    /// limit less 128]. At the limit streams are refused with RESOURCE_LIMIT.
+    /// Stream sockets open at once over all guests [default: as many as the
+    /// open-files limit allows once channels, event loops and directory scans
+    /// have their reserve: 64 + 1/64 of the limit]. The soft open-files limit
+    /// is raised to the hard one at start-up. At the limit streams are
+    /// refused with RESOURCE_LIMIT; nothing else fails.
     #[arg(long, value_name = "N", env = "VIOS_MAX_FDS")]
     pub max_fds: Option<usize>,
 
@@ -138,6 +142,20 @@ pub struct Cli {
     /// channel before the session ends with ENHANCE_YOUR_CALM. 0: no limit.
     #[arg(long, value_name = "N", env = "VIOS_MAX_VIOLATIONS", default_value_t = DEFAULT_VIOLATIONS_PER_10S)]
     pub max_violations: u32,
+
+    /// Sessions a guest may establish per minute per channel (a burst of
+    /// twice as many is allowed). Beyond it every session end counts as a
+    /// failure, so a guest that ends and restarts sessions in a loop is held
+    /// off (1 s doubling to 30 s). 0: no limit.
+    #[arg(long, value_name = "N", env = "VIOS_SESSION_RATE", default_value_t = DEFAULT_SESSIONS_PER_MINUTE)]
+    pub session_rate: u32,
+
+    /// Bytes per second a handshake may examine looking for a HELLO, CRC
+    /// work included, per channel. Beyond it the channel is read more
+    /// slowly: stale bytes and garbage cost at most this much CPU. 0: no limit.
+    #[arg(long, value_name = "BYTES", env = "VIOS_SCAN_RATE", default_value_t = DEFAULT_SCAN_BYTES_PER_SEC,
+          value_parser = parse_u32_size)]
+    pub scan_rate: u32,
 
     /// Reset a stream after this long without a byte either way. 0: never.
     #[arg(long, value_name = "DURATION", env = "VIOS_STREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
@@ -200,6 +218,10 @@ fn parse_service(s: &str) -> Result<ServiceSpec, String> {
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
     parse_size(s)
+}
+
+fn parse_u32_size(s: &str) -> Result<u32, String> {
+    vios_common::cli::parse_size_in(s, 0, u64::from(u32::MAX))
 }
 
 impl Cli {

@@ -11,8 +11,10 @@
 //! channel pattern are taken. A guest is identified by its directory path: a
 //! VM that restarts under libvirt gets a new directory and is a new guest.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::fs;
+use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -31,24 +33,78 @@ pub struct Found {
     pub sockets: Vec<PathBuf>,
 }
 
-/// Every guest directory under `dirs` with at least one matching socket,
-/// keyed by its path. Unreadable or missing directories are skipped: a
-/// libvirt directory appears only once libvirt runs.
-pub fn scan(dirs: &[PathBuf], pattern: &str) -> BTreeMap<PathBuf, Found> {
-    let mut found = BTreeMap::new();
+/// What one scan saw. A directory that could not be read (out of
+/// descriptors, permission, I/O error, briefly missing) says nothing about
+/// the guests under it: they are neither found nor gone.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Every guest directory with at least one matching socket, by path.
+    pub found: BTreeMap<PathBuf, Found>,
+    /// Directories read completely: a guest directory under one of these
+    /// that is not in `found` is gone.
+    pub complete: BTreeSet<PathBuf>,
+    /// Directories that could not be read, and why.
+    pub failed: Vec<(PathBuf, io::Error)>,
+}
+
+impl Scan {
+    /// Whether the scan shows that `guest_dir` (a guest found earlier) has
+    /// gone: its parent was read completely and it was not found there, and
+    /// it was not itself unreadable.
+    pub fn is_gone(&self, guest_dir: &Path) -> bool {
+        !self.found.contains_key(guest_dir)
+            && guest_dir.parent().is_some_and(|p| self.complete.contains(p))
+            && !self.failed.iter().any(|(d, _)| d == guest_dir)
+    }
+}
+
+/// What a directory entry is, as far as discovery cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    Socket,
+    Other,
+}
+
+/// Lists a directory: entry names and kinds.
+type Lister<'a> = dyn Fn(&Path) -> io::Result<Vec<(OsString, Kind)>> + 'a;
+
+/// Scans every directory in `dirs` for guest directories and their channel
+/// sockets (those whose name matches `pattern`).
+pub fn scan(dirs: &[PathBuf], pattern: &str) -> Scan {
+    scan_with(dirs, pattern, &list)
+}
+
+fn scan_with(dirs: &[PathBuf], pattern: &str, list: &Lister) -> Scan {
+    let mut scan = Scan::default();
     for dir in dirs {
-        let Ok(entries) = fs::read_dir(dir) else { continue };
-        for entry in entries.flatten() {
-            let guest_dir = entry.path();
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+        let entries = match list(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                scan.failed.push((dir.clone(), e));
                 continue;
             }
-            let sockets = channel_sockets(&guest_dir, pattern);
+        };
+        scan.complete.insert(dir.clone());
+        for (name, kind) in entries {
+            if kind != Kind::Dir {
+                continue;
+            }
+            let guest_dir = dir.join(&name);
+            let sockets = match channel_sockets(&guest_dir, pattern, list) {
+                Ok(s) => s,
+                // Removed between the two listings: gone like any other.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    scan.failed.push((guest_dir, e));
+                    continue;
+                }
+            };
             if sockets.is_empty() {
                 continue;
             }
-            let dir_name = entry.file_name().to_string_lossy().into_owned();
-            found.insert(
+            let dir_name = name.to_string_lossy().into_owned();
+            scan.found.insert(
                 guest_dir,
                 Found {
                     name: guest_name(&dir_name),
@@ -57,21 +113,36 @@ pub fn scan(dirs: &[PathBuf], pattern: &str) -> BTreeMap<PathBuf, Found> {
             );
         }
     }
-    found
+    scan
 }
 
-fn channel_sockets(dir: &Path, pattern: &str) -> Vec<PathBuf> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut v: Vec<PathBuf> = entries
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_socket()))
-        .filter(|e| glob_match(pattern, &e.file_name().to_string_lossy()))
-        .map(|e| e.path())
+/// A directory's entries and their types; any error on the way fails the
+/// whole listing (a partial listing would make the missing entries look gone).
+fn list(dir: &Path) -> io::Result<Vec<(OsString, Kind)>> {
+    let mut v = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let t = entry.file_type()?;
+        let kind = if t.is_dir() {
+            Kind::Dir
+        } else if t.is_socket() {
+            Kind::Socket
+        } else {
+            Kind::Other
+        };
+        v.push((entry.file_name(), kind));
+    }
+    Ok(v)
+}
+
+fn channel_sockets(dir: &Path, pattern: &str, list: &Lister) -> io::Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = list(dir)?
+        .into_iter()
+        .filter(|(name, kind)| *kind == Kind::Socket && glob_match(pattern, &name.to_string_lossy()))
+        .map(|(name, _)| dir.join(name))
         .collect();
     v.sort();
-    v
+    Ok(v)
 }
 
 /// `12-vm1` and `domain-12-vm1` (libvirt) name the guest `vm1`; anything else
@@ -146,10 +217,11 @@ mod tests {
         let _b = UnixListener::bind(libvirt.join("7-vm1/org.qemu.guest_agent.0")).unwrap();
         let _c = UnixListener::bind(proxy.join("vm2/org.qpid.vios.1")).unwrap();
         fs::write(proxy.join("vm2/org.qpid.vios.9"), "not a socket").unwrap();
-        let found = scan(
+        let scan = scan(
             &[libvirt.clone(), proxy.clone(), root.join("missing")],
             "org.qpid.vios.*",
         );
+        let found = &scan.found;
         assert_eq!(found.len(), 2, "{found:?}");
         let vm1 = &found[&libvirt.join("7-vm1")];
         assert_eq!(vm1.name, "vm1");
@@ -158,6 +230,63 @@ mod tests {
             found[&proxy.join("vm2")].sockets,
             vec![proxy.join("vm2/org.qpid.vios.1")]
         );
+        // A missing top-level directory is a failure, not an empty one.
+        assert_eq!(scan.failed.len(), 1);
+        assert_eq!(scan.failed[0].0, root.join("missing"));
+        assert!(!scan.is_gone(&root.join("missing/9-vm9")));
+        // A directory read completely without the guest says it is gone.
+        assert!(scan.is_gone(&libvirt.join("8-empty")));
+        assert!(scan.is_gone(&proxy.join("vm3")));
+        assert!(!scan.is_gone(&libvirt.join("7-vm1")));
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_failed_listing_is_never_read_as_gone() {
+        let root = PathBuf::from("/guests");
+        let dirs = [root.clone()];
+        let vm1 = root.join("1-vm1");
+        let vm2 = root.join("2-vm2");
+        let ok = |dir: &Path| -> io::Result<Vec<(OsString, Kind)>> {
+            Ok(if dir == Path::new("/guests") {
+                vec![("1-vm1".into(), Kind::Dir), ("2-vm2".into(), Kind::Dir)]
+            } else {
+                vec![("org.qpid.vios.0".into(), Kind::Socket)]
+            })
+        };
+        let s = scan_with(&dirs, "org.qpid.vios.*", &ok);
+        assert_eq!(s.found.len(), 2);
+        // Out of descriptors: the top-level listing fails. Nothing is gone.
+        let emfile = |_: &Path| -> io::Result<Vec<(OsString, Kind)>> {
+            Err(io::Error::from_raw_os_error(libc::EMFILE))
+        };
+        let s = scan_with(&dirs, "org.qpid.vios.*", &emfile);
+        assert!(
+            s.found.is_empty() && !s.is_gone(&vm1) && !s.is_gone(&vm2),
+            "{s:?}"
+        );
+        assert_eq!(s.failed[0].1.raw_os_error(), Some(libc::EMFILE));
+        // One guest directory unreadable (EIO), the other readable and empty:
+        // the first keeps what it had, the second is gone.
+        let partial = |dir: &Path| -> io::Result<Vec<(OsString, Kind)>> {
+            match dir.file_name().and_then(|n| n.to_str()) {
+                Some("1-vm1") => Err(io::Error::from_raw_os_error(libc::EIO)),
+                Some("2-vm2") => Ok(vec![]),
+                _ => ok(dir),
+            }
+        };
+        let s = scan_with(&dirs, "org.qpid.vios.*", &partial);
+        assert!(!s.is_gone(&vm1), "{s:?}");
+        assert!(s.is_gone(&vm2), "{s:?}");
+        // Removed between the two listings: gone.
+        let raced = |dir: &Path| -> io::Result<Vec<(OsString, Kind)>> {
+            if dir.ends_with("1-vm1") {
+                Err(io::Error::from_raw_os_error(libc::ENOENT))
+            } else {
+                ok(dir)
+            }
+        };
+        let s = scan_with(&dirs, "org.qpid.vios.*", &raced);
+        assert!(s.is_gone(&vm1) && !s.is_gone(&vm2), "{s:?}");
     }
 }

@@ -20,7 +20,6 @@ pub mod worker;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,12 +27,14 @@ use log::{error, info, warn};
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use vios_common::io::limits::{open_files_limit, StreamTimeouts};
+use vios_common::io::limits::{Descriptors, StreamTimeouts};
+use vios_common::io::link::REPORT_AGAIN;
 use vios_common::proto::session::Policy;
 use vios_common::proto::Limits;
+use vios_common::sys;
 
 use config::Cli;
-use worker::{Control, Settings, WorkerHandle};
+use worker::{Control, Settings, SpawnError, WorkerHandle};
 
 const SIGNALS: Token = Token(0);
 
@@ -50,10 +51,32 @@ struct Supervisor {
     workers: BTreeMap<Origin, WorkerHandle>,
     /// Workers told to stop (their guest disappeared), joined once done.
     stopping: Vec<WorkerHandle>,
+    /// Guests that could not be started (out of descriptors), retried at
+    /// every scan; logged once until they start.
+    unserved: BTreeMap<Origin, (String, Vec<PathBuf>)>,
+    /// The last failure to read each directory, and when it was logged.
+    scan_failures: BTreeMap<PathBuf, (String, Instant)>,
 }
 
 /// Runs until SIGTERM or SIGINT; returns after every guest has stopped.
 pub fn run(cli: Cli) -> io::Result<()> {
+    let nofile = sys::raise_nofile_limit()?;
+    let mut poll = Poll::new()?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)?;
+    let limit = usize::try_from(nofile.soft).unwrap_or(usize::MAX);
+    let fds = Arc::new(Descriptors::new(limit, sys::open_descriptors()?, cli.max_fds));
+    info!(
+        "descriptors: {} allowed (soft limit raised from {}; hard limit {}), {} in use, \
+         {} kept from streams for channels and scans; at most {} stream sockets",
+        nofile.soft,
+        nofile.soft_before,
+        nofile.hard,
+        fds.used(),
+        fds.reserve(),
+        fds.max_streams()
+    );
     let settings = Arc::new(Settings {
         services: cli.services.clone(),
         limits: Limits {
@@ -68,13 +91,14 @@ pub fn run(cli: Cli) -> io::Result<()> {
             open_rate: cli.open_rate,
             open_burst: cli.max_streams,
             violations_per_10s: cli.max_violations,
+            sessions_per_minute: cli.session_rate,
+            scan_bytes_per_sec: cli.scan_rate,
         },
         handshake_timeout: cli.handshake_timeout,
         connect_timeout: cli.connect_timeout,
         shutdown_grace: cli.shutdown_grace,
         max_buffered: usize::try_from(cli.max_buffered).unwrap_or(usize::MAX),
-        fds: Arc::new(AtomicUsize::new(0)),
-        max_fds: cli.max_fds.unwrap_or_else(default_max_fds),
+        fds,
         timeouts: StreamTimeouts {
             idle: (!cli.stream_idle_timeout.is_zero()).then_some(cli.stream_idle_timeout),
             half_closed: (!cli.half_closed_timeout.is_zero()).then_some(cli.half_closed_timeout),
@@ -82,8 +106,8 @@ pub fn run(cli: Cli) -> io::Result<()> {
         write_stall: (!cli.write_stall_timeout.is_zero()).then_some(cli.write_stall_timeout),
     });
     info!(
-        "limits per guest: {} streams, {} bytes buffered; {} stream sockets in all",
-        settings.limits.max_streams, settings.max_buffered, settings.max_fds
+        "limits per guest: {} streams, {} bytes buffered",
+        settings.limits.max_streams, settings.max_buffered
     );
     for s in &settings.services {
         info!("service {} -> {}", s.name, s.addr);
@@ -95,19 +119,17 @@ pub fn run(cli: Cli) -> io::Result<()> {
             cli.channel_pattern
         );
     }
-    let mut poll = Poll::new()?;
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
-    poll.registry()
-        .register(&mut signals, SIGNALS, Interest::READABLE)?;
 
     let mut sup = Supervisor {
         cli,
         settings,
         workers: BTreeMap::new(),
         stopping: Vec::new(),
+        unserved: BTreeMap::new(),
+        scan_failures: BTreeMap::new(),
     };
     for g in sup.cli.guests.clone() {
-        sup.start(Origin::Static(g.name.clone()), &g.name, g.sockets)?;
+        sup.start(Origin::Static(g.name.clone()), &g.name, g.sockets);
     }
     sup.rescan();
     let mut next_scan = Instant::now() + sup.cli.rescan;
@@ -141,21 +163,57 @@ pub fn run(cli: Cli) -> io::Result<()> {
 }
 
 impl Supervisor {
-    fn start(&mut self, origin: Origin, name: &str, sockets: Vec<PathBuf>) -> io::Result<()> {
-        let w = worker::spawn(name, sockets, self.settings.clone())?;
-        self.workers.insert(origin, w);
-        Ok(())
+    /// Starts a worker for a guest. Without descriptors to spare the guest
+    /// waits in `unserved` and is tried again at every scan; the failure is
+    /// logged once.
+    fn start(&mut self, origin: Origin, name: &str, sockets: Vec<PathBuf>) {
+        match worker::spawn(name, sockets.clone(), self.settings.clone()) {
+            Ok(w) => {
+                if self.unserved.remove(&origin).is_some() {
+                    info!("guest {name}: descriptors free again; serving it");
+                }
+                self.workers.insert(origin, w);
+            }
+            Err(e) => {
+                let first = self.unserved.insert(origin, (name.to_owned(), sockets)).is_none();
+                if first {
+                    let retry = match e {
+                        SpawnError::NoDescriptors { .. } => "at every scan",
+                        SpawnError::Io(_) => "at every scan (further failures not logged)",
+                    };
+                    warn!("guest {name}: cannot be served: {e}; retrying {retry}");
+                }
+            }
+        }
+    }
+
+    /// Retries the guests that could not be started.
+    fn retry_unserved(&mut self) {
+        for (origin, (name, sockets)) in std::mem::take(&mut self.unserved) {
+            // Put back first so that start() knows it was waiting.
+            self.unserved
+                .insert(origin.clone(), (name.clone(), sockets.clone()));
+            self.start(origin, &name, sockets);
+        }
     }
 
     /// Brings the workers for guest directories in line with what is on disk.
+    /// A directory that cannot be read changes nothing: its guests keep their
+    /// workers and sessions until a successful scan says they are gone.
     fn rescan(&mut self) {
+        self.retry_unserved();
         let dirs = self.cli.scan_dirs();
         if dirs.is_empty() {
             return;
         }
-        let found = discovery::scan(&dirs, &self.cli.channel_pattern);
-        for (dir, f) in &found {
+        let scan = discovery::scan(&dirs, &self.cli.channel_pattern);
+        self.log_scan_failures(&scan);
+        for (dir, f) in &scan.found {
             let origin = Origin::Dir(dir.clone());
+            if let Some(waiting) = self.unserved.get_mut(&origin) {
+                *waiting = (f.name.clone(), f.sockets.clone());
+                continue;
+            }
             match self.workers.get_mut(&origin) {
                 Some(w) if w.sockets != f.sockets => {
                     info!("guest {}: channels now {:?}", f.name, f.sockets);
@@ -170,16 +228,16 @@ impl Supervisor {
                         dir.display(),
                         f.sockets.len()
                     );
-                    if let Err(e) = self.start(origin, &f.name, f.sockets.clone()) {
-                        warn!("guest {}: cannot start a worker: {e}", f.name);
-                    }
+                    self.start(origin, &f.name, f.sockets.clone());
                 }
             }
         }
+        self.unserved
+            .retain(|o, _| !matches!(o, Origin::Dir(d) if scan.is_gone(d)));
         let gone: Vec<Origin> = self
             .workers
             .keys()
-            .filter(|o| matches!(o, Origin::Dir(d) if !found.contains_key(d)))
+            .filter(|o| matches!(o, Origin::Dir(d) if scan.is_gone(d)))
             .cloned()
             .collect();
         for origin in gone {
@@ -192,6 +250,46 @@ impl Supervisor {
                 grace: Duration::ZERO,
             });
             self.stopping.push(w);
+        }
+    }
+
+    /// Logs each directory that could not be read: a new failure at once,
+    /// the same one again once a minute.
+    fn log_scan_failures(&mut self, scan: &discovery::Scan) {
+        let now = Instant::now();
+        for (dir, e) in &scan.failed {
+            let text = e.to_string();
+            let known = self.workers.keys().chain(self.unserved.keys());
+            let kept = known
+                .filter(|o| matches!(o, Origin::Dir(d) if d == dir || d.parent() == Some(dir.as_path())))
+                .count();
+            // A directory that does not exist (yet: libvirt not started, or
+            // one of its two layouts unused) is said once, quietly.
+            let missing = e.kind() == io::ErrorKind::NotFound;
+            let repeated = self.scan_failures.get(dir).is_some_and(|(last, at)| {
+                *last == text && (missing || now.duration_since(*at) < REPORT_AGAIN)
+            });
+            if repeated {
+                continue;
+            }
+            self.scan_failures.insert(dir.clone(), (text.clone(), now));
+            if missing && kept == 0 {
+                info!(
+                    "{} does not exist (yet); looking again at every scan",
+                    dir.display()
+                );
+            } else {
+                warn!(
+                    "cannot read {}: {text}; its {kept} known guest(s) keep their sessions; \
+                     retrying at the next scan",
+                    dir.display()
+                );
+            }
+        }
+        for dir in &scan.complete {
+            if self.scan_failures.remove(dir).is_some() {
+                info!("{} can be read again", dir.display());
+            }
         }
     }
 
@@ -216,9 +314,7 @@ impl Supervisor {
             } else {
                 error!("guest {name}: worker thread ended unasked; restarting it");
             }
-            if let Err(e) = self.start(origin, &name, sockets) {
-                warn!("guest {name}: cannot restart worker: {e}");
-            }
+            self.start(origin, &name, sockets);
         }
     }
 
@@ -234,10 +330,4 @@ impl Supervisor {
         }
         info!("stopped");
     }
-}
-
-/// Stream sockets allowed when `--max-fds` is not given: the open-files limit
-/// less room for channels, the poll instances and the log.
-fn default_max_fds() -> usize {
-    open_files_limit().unwrap_or(1024).saturating_sub(128).max(16)
 }

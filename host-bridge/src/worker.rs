@@ -8,7 +8,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,13 +15,14 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use mio::net::TcpStream;
 use mio::{Events, Poll, Token, Waker};
-use vios_common::io::limits::{Budget, StreamTimeouts};
+use vios_common::io::limits::{Budget, Descriptors, StreamTimeouts};
 use vios_common::io::link::{ChannelSpec, Link};
 use vios_common::io::mux::{Mux, MuxConfig, Opener};
 use vios_common::io::random_seed;
 use vios_common::io::sock::Sock;
 use vios_common::proto::session::Policy;
 use vios_common::proto::{Code, Config as SessionConfig, Limits, Role, Session, StreamId};
+use vios_common::sys;
 
 use crate::config::ServiceSpec;
 
@@ -41,9 +41,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Bytes buffered for one guest's streams.
     pub max_buffered: usize,
-    /// Stream sockets open over all guests, and their limit.
-    pub fds: Arc<AtomicUsize>,
-    pub max_fds: usize,
+    /// Every descriptor of the process: channels, worker loops, streams.
+    pub fds: Arc<Descriptors>,
     pub timeouts: StreamTimeouts,
     /// End a session whose guest reads nothing for this long.
     pub write_stall: Option<Duration>,
@@ -75,16 +74,55 @@ impl WorkerHandle {
     }
 }
 
+/// Descriptors a worker holds besides its channels: its poll instance and
+/// its waker.
+const WORKER_FDS: usize = 2;
+
+/// Why a worker could not start.
+#[derive(Debug)]
+pub enum SpawnError {
+    /// Not enough descriptors left in the process's budget.
+    NoDescriptors {
+        used: usize,
+        limit: usize,
+    },
+    Io(io::Error),
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpawnError::NoDescriptors { used, limit } => {
+                write!(f, "no descriptors free ({used} of {limit} in use)")
+            }
+            SpawnError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Descriptors counted for a worker, given back when it ends.
+struct Held(Arc<Descriptors>, usize);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.release_infra(self.1);
+    }
+}
+
 /// Starts a thread serving guest `name` on `sockets`.
-pub fn spawn(name: &str, sockets: Vec<PathBuf>, settings: Arc<Settings>) -> io::Result<WorkerHandle> {
-    let poll = Poll::new()?;
-    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+pub fn spawn(name: &str, sockets: Vec<PathBuf>, settings: Arc<Settings>) -> Result<WorkerHandle, SpawnError> {
+    let fds = &settings.fds;
+    if !fds.take_infra(WORKER_FDS) {
+        return Err(SpawnError::NoDescriptors {
+            used: fds.used(),
+            limit: fds.limit(),
+        });
+    }
+    let held = Held(fds.clone(), WORKER_FDS);
+    let poll = Poll::new().map_err(SpawnError::Io)?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SpawnError::Io)?);
     let (tx, rx) = mpsc::channel();
-    let budget = Arc::new(Budget::new(
-        settings.max_buffered,
-        settings.fds.clone(),
-        settings.max_fds,
-    ));
+    let budget = Arc::new(Budget::new(settings.max_buffered, settings.fds.clone()));
     let mut worker = Worker {
         guest: name.to_owned(),
         settings,
@@ -92,11 +130,13 @@ pub fn spawn(name: &str, sockets: Vec<PathBuf>, settings: Arc<Settings>) -> io::
         slots: Vec::new(),
         budget,
         control: rx,
+        _held: held,
     };
     worker.set_channels(&sockets, Instant::now());
     let thread = std::thread::Builder::new()
         .name(format!("guest-{name}"))
-        .spawn(move || worker.run())?;
+        .spawn(move || worker.run())
+        .map_err(SpawnError::Io)?;
     Ok(WorkerHandle {
         guest: name.to_owned(),
         sockets,
@@ -116,6 +156,8 @@ struct Worker {
     /// What this guest may hold, shared by its channels.
     budget: Arc<Budget>,
     control: Receiver<Control>,
+    /// Last, so it is dropped after the poll instance and the channels.
+    _held: Held,
 }
 
 fn socket_path(mux: &Mux) -> Option<&Path> {
@@ -156,7 +198,8 @@ impl Worker {
             cfg.limits = self.settings.limits;
             cfg.policy = self.settings.policy.clone();
             cfg.hello_deadline = self.settings.handshake_timeout;
-            let link = Link::new(ChannelSpec::Unix(path.clone()), Token(i << CHANNEL_SHIFT), now);
+            let link = Link::new(ChannelSpec::Unix(path.clone()), Token(i << CHANNEL_SHIFT), now)
+                .with_descriptors(self.settings.fds.clone());
             let port = path
                 .file_name()
                 .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
@@ -276,7 +319,7 @@ impl Opener for ServiceOpener<'_> {
         }
         let addr = spec.addr;
         let sock = TcpStream::connect(addr).map_err(|e| {
-            let code = if is_resource_error(&e) {
+            let code = if sys::is_resource_error(&e) {
                 Code::ResourceLimit
             } else {
                 Code::Unreachable
@@ -289,10 +332,4 @@ impl Opener for ServiceOpener<'_> {
         self.streams += 1;
         Ok((Sock::Tcp(sock), addr.to_string()))
     }
-}
-
-/// Out of descriptors or memory: a resource limit, not an unreachable service.
-fn is_resource_error(e: &io::Error) -> bool {
-    // EMFILE 24, ENFILE 23, ENOMEM 12, ENOBUFS 105
-    matches!(e.raw_os_error(), Some(24 | 23 | 12 | 105))
 }

@@ -5,6 +5,7 @@
 //! [`TempDir`] of its own, so tests can run in parallel.
 #![forbid(unsafe_code)]
 
+pub mod guests;
 pub mod servers;
 pub mod tool;
 pub mod vm;

@@ -167,14 +167,14 @@ fn check_hello(input: &[u8]) {
             );
             assert!(len <= MAX_HELLO_LEN, "HELLO of {len} bytes");
             assert!(
-                len >= h.encoded_len() - h.text.len(),
+                len >= h.encoded_len() - h.text.as_str().len(),
                 "HELLO shorter than its fixed part"
             );
             assert_eq!(&input[..MAGIC.len()], &MAGIC[..]);
             assert_ne!(h.nonce, [0; 16], "zero nonce accepted");
             // Lossy UTF-8 decoding can lengthen the text past what encode
             // keeps; only then may a re-encoding differ.
-            if h.text.len() <= MAX_HELLO_TEXT {
+            if h.text.as_str().len() <= MAX_HELLO_TEXT {
                 let mut enc = Vec::new();
                 h.encode(&mut enc);
                 assert_eq!(enc.len(), h.encoded_len());

@@ -291,6 +291,8 @@ pub fn tight_policy() -> Policy {
         open_rate: 4,
         open_burst: 3,
         violations_per_10s: 5,
+        sessions_per_minute: 2,
+        scan_bytes_per_sec: 4096,
     }
 }
 
@@ -670,7 +672,7 @@ impl Harness {
             capabilities: 0,
             limits,
             code: Code::from_u16(op.code),
-            text: text(op.text),
+            text: text(op.text).into(),
         };
         let mut b = Vec::new();
         h.encode(&mut b);

@@ -17,12 +17,14 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::UnixStream;
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
+use super::limits::Descriptors;
 use super::sock::{drained, interrupted, would_block};
 use crate::proto::Session;
 
@@ -126,6 +128,8 @@ pub struct Link {
     writable: bool,
     /// The last event said end-of-file or an error is queued.
     closing: bool,
+    /// Where the channel's descriptor is counted.
+    fds: Arc<Descriptors>,
 }
 
 impl Link {
@@ -142,7 +146,15 @@ impl Link {
             readable: false,
             writable: false,
             closing: false,
+            fds: Arc::new(Descriptors::unlimited()),
         }
+    }
+
+    /// Counts the channel's descriptor in `fds`: without room there, a
+    /// connect fails like any other and is retried after the backoff.
+    pub fn with_descriptors(mut self, fds: Arc<Descriptors>) -> Link {
+        self.fds = fds;
+        self
     }
 
     pub fn spec(&self) -> &ChannelSpec {
@@ -229,6 +241,21 @@ impl Link {
     }
 
     fn open(&self, registry: &Registry) -> io::Result<Io> {
+        if !self.fds.take_infra(1) {
+            return Err(io::Error::other(format!(
+                "no descriptor free ({} of {} in use)",
+                self.fds.used(),
+                self.fds.limit()
+            )));
+        }
+        let r = self.open_counted(registry);
+        if r.is_err() {
+            self.fds.release_infra(1);
+        }
+        r
+    }
+
+    fn open_counted(&self, registry: &Registry) -> io::Result<Io> {
         let interest = Interest::READABLE | Interest::WRITABLE;
         match &self.spec {
             ChannelSpec::Unix(path) => {
@@ -368,6 +395,8 @@ impl Link {
             }
             Some(Io::Unix(mut s)) => {
                 let _ = registry.deregister(&mut s);
+                drop(s);
+                self.fds.release_infra(1);
                 self.writable = false;
                 session.link_down(now);
                 self.retry_at = Some(now + self.backoff);
@@ -379,6 +408,7 @@ impl Link {
 
     /// Closes the channel for good (shutdown).
     pub fn close(&mut self, registry: &Registry) {
+        self.retry_at = None;
         match self.io.take() {
             Some(Io::Unix(mut s)) => {
                 let _ = registry.deregister(&mut s);
@@ -387,9 +417,17 @@ impl Link {
                 let fd = f.as_raw_fd();
                 let _ = registry.deregister(&mut SourceFd(&fd));
             }
-            None => {}
+            None => return,
         }
-        self.retry_at = None;
+        self.fds.release_infra(1);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if self.io.is_some() {
+            self.fds.release_infra(1);
+        }
     }
 }
 

@@ -1,7 +1,10 @@
 //! The session's two byte buffers: received bytes waiting to be parsed and
 //! encoded frames waiting to be written. Both are flat `Vec`s with a moving
-//! start, allocated once and compacted, so the hot path neither allocates nor
-//! zeroes memory.
+//! start, compacted in place, so the hot path neither allocates nor zeroes
+//! memory. Both are allocated only when bytes flow and can be given back when
+//! empty ([`RxBuf::release`], [`TxBuf::release`]): an idle channel holds no
+//! buffer. Their size is set by this side's configuration, never by what the
+//! peer declares.
 
 use super::frame::{self, FrameType, StreamId, FRAME_OVERHEAD, HEADER_LEN, TRAILER_LEN};
 
@@ -11,18 +14,36 @@ pub struct RxBuf {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// Size of `buf` once allocated.
+    cap: usize,
 }
 
 /// Compact before a read when less than this is free at the tail.
 const MIN_READ: usize = 16 * 1024;
 
 impl RxBuf {
+    /// A buffer of `cap` bytes, allocated at the first read.
     pub fn with_capacity(cap: usize) -> RxBuf {
         RxBuf {
-            buf: vec![0; cap],
+            buf: Vec::new(),
             start: 0,
             end: 0,
+            cap,
         }
+    }
+
+    /// Gives the memory back if nothing is buffered; the next read
+    /// allocates it again.
+    pub fn release(&mut self) {
+        if self.is_empty() {
+            self.clear();
+            self.buf = Vec::new();
+        }
+    }
+
+    /// Bytes of memory held.
+    pub fn allocated(&self) -> usize {
+        self.buf.capacity()
     }
 
     pub fn filled(&self) -> &[u8] {
@@ -39,11 +60,14 @@ impl RxBuf {
 
     /// No room to read into, even after compaction.
     pub fn is_full(&self) -> bool {
-        self.end - self.start == self.buf.len()
+        self.end - self.start == self.cap
     }
 
     /// Free space to read into; empty only when the buffer is full.
     pub fn space(&mut self) -> &mut [u8] {
+        if self.buf.is_empty() {
+            self.buf = vec![0; self.cap];
+        }
         let tail = self.buf.len() - self.end;
         if self.start == self.end {
             self.start = 0;
@@ -94,9 +118,42 @@ pub struct TxBuf {
     end: usize,
     /// A DATA slot handed out and not yet committed: (stream, payload room).
     slot: Option<(StreamId, usize)>,
+    /// Growth stops doubling here (the most the session queues by its own
+    /// rules); past it the buffer grows only by what is needed.
+    soft_limit: usize,
+    /// Most bytes pending since the last trim, and emptyings since then.
+    peak: usize,
+    emptied: u32,
 }
 
+/// What the transmit buffer keeps when it trims itself after a burst.
+const TX_KEEP: usize = 64 * 1024;
+/// Emptyings between two looks at whether the buffer is oversized.
+const TX_TRIM_EVERY: u32 = 16;
+
 impl TxBuf {
+    /// An empty buffer whose doubling stops at `soft_limit` bytes.
+    pub fn with_soft_limit(soft_limit: usize) -> TxBuf {
+        TxBuf {
+            soft_limit,
+            ..TxBuf::default()
+        }
+    }
+
+    /// Gives the memory back if nothing is pending.
+    pub fn release(&mut self) {
+        if self.is_empty() && self.slot.is_none() {
+            self.buf = Vec::new();
+            self.peak = 0;
+            self.emptied = 0;
+        }
+    }
+
+    /// Bytes of memory held.
+    pub fn allocated(&self) -> usize {
+        self.buf.capacity()
+    }
+
     pub fn pending(&self) -> &[u8] {
         &self.buf[self.start..self.end]
     }
@@ -115,7 +172,23 @@ impl TxBuf {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+            self.emptied += 1;
+            if self.emptied >= TX_TRIM_EVERY {
+                self.trim();
+            }
         }
+    }
+
+    /// After a burst: if the last [`TX_TRIM_EVERY`] emptyings never needed
+    /// half of the buffer, shrink it to what they needed.
+    fn trim(&mut self) {
+        let keep = self.peak.max(TX_KEEP);
+        if self.buf.len() > 2 * keep {
+            self.buf.truncate(keep);
+            self.buf.shrink_to_fit();
+        }
+        self.peak = 0;
+        self.emptied = 0;
     }
 
     pub fn clear(&mut self) {
@@ -135,9 +208,12 @@ impl TxBuf {
             self.start = 0;
         }
         if self.buf.len() - self.end < n {
-            let want = (self.end + n).max(self.buf.len() * 2).max(64 * 1024);
+            let doubled = (self.buf.len() * 2).max(TX_KEEP);
+            let want = (self.end + n).max(doubled.min(self.soft_limit.max(TX_KEEP)));
+            self.buf.reserve_exact(want - self.buf.len());
             self.buf.resize(want, 0);
         }
+        self.peak = self.peak.max(self.end + n);
     }
 
     /// Appends `n` bytes and returns them to be filled in.
@@ -210,6 +286,51 @@ mod tests {
         );
         tx.advance(tx.len());
         assert!(tx.is_empty());
+    }
+
+    #[test]
+    fn buffers_are_allocated_on_demand_and_given_back() {
+        let mut rx = RxBuf::with_capacity(MIN_READ * 4);
+        assert_eq!(rx.allocated(), 0);
+        assert_eq!(rx.space().len(), MIN_READ * 4);
+        rx.commit(10);
+        rx.release();
+        assert_eq!(rx.allocated(), MIN_READ * 4, "bytes are still buffered");
+        rx.consume(10);
+        rx.release();
+        assert_eq!(rx.allocated(), 0);
+
+        let mut tx = TxBuf::with_soft_limit(1 << 20);
+        tx.append(100);
+        assert_eq!(tx.allocated(), TX_KEEP);
+        tx.advance(100);
+        tx.release();
+        assert_eq!(tx.allocated(), 0);
+    }
+
+    #[test]
+    fn tx_growth_stops_doubling_at_its_limit_and_shrinks_after_a_burst() {
+        let limit = 300 * 1024;
+        let mut tx = TxBuf::with_soft_limit(limit);
+        for _ in 0..5 {
+            tx.append(100 * 1024);
+        }
+        // 500 KiB needed: doubled to 256 KiB, then grown only as needed.
+        assert_eq!(tx.allocated(), 500 * 1024);
+        tx.advance(tx.len());
+        // Small traffic for a while (two trim windows: the first still saw
+        // the burst): the buffer goes back to 64 KiB.
+        for _ in 0..2 * TX_TRIM_EVERY {
+            tx.append(100);
+            tx.advance(100);
+        }
+        assert_eq!(tx.allocated(), TX_KEEP);
+        // Steady bulk keeps its buffer.
+        for _ in 0..3 * TX_TRIM_EVERY {
+            tx.append(200 * 1024);
+            tx.advance(200 * 1024);
+        }
+        assert_eq!(tx.allocated(), 200 * 1024);
     }
 
     #[test]

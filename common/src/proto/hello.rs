@@ -5,6 +5,7 @@ use std::fmt;
 
 use super::code::Code;
 use super::crc32c::crc32c;
+use super::text::PeerText;
 
 /// The first 8 bytes of every HELLO. The high first byte catches 7-bit paths,
 /// CR LF catches line-ending translation, and `0x1a` stops `type`-like tools.
@@ -116,7 +117,7 @@ pub struct Hello {
     pub capabilities: u32,
     pub limits: Limits,
     pub code: Code,
-    pub text: String,
+    pub text: PeerText,
 }
 
 /// The outcome of parsing bytes that start with [`MAGIC`].
@@ -133,13 +134,13 @@ pub enum HelloParse {
 impl Hello {
     /// Bytes this HELLO encodes to.
     pub fn encoded_len(&self) -> usize {
-        BODY_START + MIN_BODY_LEN + self.text.len()
+        BODY_START + MIN_BODY_LEN + super::frame::clip_text(self.text.as_str(), MAX_HELLO_TEXT).len()
     }
 
     /// Appends the encoded HELLO to `out`. The text is clipped to
     /// [`MAX_HELLO_TEXT`] bytes.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let text = super::frame::clip_text(&self.text, MAX_HELLO_TEXT);
+        let text = super::frame::clip_text(self.text.as_str(), MAX_HELLO_TEXT);
         let start = out.len();
         let body_len = MIN_BODY_LEN + text.len();
         out.extend_from_slice(&MAGIC);
@@ -166,6 +167,18 @@ impl Hello {
     /// Parses a HELLO at the start of `input`, which must begin with [`MAGIC`]
     /// (or a prefix of it, reported as incomplete).
     pub fn parse(input: &[u8]) -> HelloParse {
+        Hello::parse_costed(input).0
+    }
+
+    /// [`Hello::parse`], and how many bytes it ran the CRC over: what a
+    /// scanner is charged for (0 when a cheaper check decided first).
+    pub fn parse_costed(input: &[u8]) -> (HelloParse, usize) {
+        let mut crc_bytes = 0;
+        let r = Hello::parse_inner(input, &mut crc_bytes);
+        (r, crc_bytes)
+    }
+
+    fn parse_inner(input: &[u8], crc_bytes: &mut usize) -> HelloParse {
         let have = input.len().min(MAGIC.len());
         if input[..have] != MAGIC[..have] {
             return HelloParse::Invalid("no magic");
@@ -182,11 +195,9 @@ impl Hello {
             return HelloParse::Incomplete;
         }
         let msg = &input[..total];
-        let crc = u32::from_be_bytes(msg[total - 4..].try_into().unwrap());
-        if crc32c(&msg[..total - 4]) != crc {
-            return HelloParse::Invalid("CRC mismatch");
-        }
-        let u32_at = |o: usize| u32::from_be_bytes(msg[o..o + 4].try_into().unwrap());
+        // The fields that cost nothing to check come before the CRC, so a
+        // peer spraying magics with plausible lengths costs a CRC only when
+        // every one of them holds (PROTOCOL.md §3.2).
         let text_len = usize::from(u16::from_be_bytes([msg[68], msg[69]]));
         if text_len > MAX_HELLO_TEXT || 70 + text_len > total - 4 {
             return HelloParse::Invalid("text length out of range");
@@ -195,6 +206,12 @@ impl Hello {
         if nonce == NO_NONCE {
             return HelloParse::Invalid("zero nonce");
         }
+        let crc = u32::from_be_bytes(msg[total - 4..].try_into().unwrap());
+        *crc_bytes = total - 4;
+        if crc32c(&msg[..total - 4]) != crc {
+            return HelloParse::Invalid("CRC mismatch");
+        }
+        let u32_at = |o: usize| u32::from_be_bytes(msg[o..o + 4].try_into().unwrap());
         let hello = Hello {
             min_version: msg[10],
             max_version: msg[11],
@@ -210,7 +227,9 @@ impl Hello {
                 idle_timeout_ms: u32_at(62),
             },
             code: Code::from_u16(u16::from_be_bytes([msg[66], msg[67]])),
-            text: String::from_utf8_lossy(&msg[70..70 + text_len]).into_owned(),
+            text: String::from_utf8_lossy(&msg[70..70 + text_len])
+                .into_owned()
+                .into(),
         };
         HelloParse::Valid(hello, total)
     }
@@ -316,9 +335,9 @@ mod tests {
         h.nonce = NO_NONCE;
         assert_eq!(Hello::parse(&bytes(&h)), HelloParse::Invalid("zero nonce"));
         let mut h = sample();
-        h.text = "x".repeat(1000);
+        h.text = "x".repeat(1000).into();
         // Encoding clips the text, so the result is still valid.
-        assert!(matches!(Hello::parse(&bytes(&h)), HelloParse::Valid(p, _) if p.text.len() == 256));
+        assert!(matches!(Hello::parse(&bytes(&h)), HelloParse::Valid(p, _) if p.text.as_str().len() == 256));
     }
 
     #[test]

@@ -9,8 +9,10 @@ pub mod hello;
 pub mod rate;
 pub mod rng;
 pub mod session;
+pub mod text;
 
 pub use code::Code;
 pub use frame::StreamId;
 pub use hello::{Limits, Role};
 pub use session::{Config, EndReason, Event, OpenError, Session, SessionInfo};
+pub use text::PeerText;

@@ -24,6 +24,14 @@ impl Bucket {
         }
     }
 
+    /// `rate_per_min` tokens a minute, holding at most `burst`.
+    pub fn per_minute(rate_per_min: u32, burst: u32) -> Bucket {
+        Bucket {
+            rate: f64::from(rate_per_min) / 60.0,
+            ..Bucket::new(1, burst)
+        }
+    }
+
     pub fn unlimited(&self) -> bool {
         self.rate == 0.0
     }
@@ -48,6 +56,26 @@ impl Bucket {
         } else {
             false
         }
+    }
+
+    /// Takes `n` tokens whether or not they are there: the bucket may go into
+    /// debt, and [`Bucket::ready_at`] then waits until it is paid back. For
+    /// costs known only after the work is done (bytes scanned).
+    pub fn charge(&mut self, now: Instant, n: usize) {
+        if self.unlimited() {
+            return;
+        }
+        self.refill(now);
+        self.tokens -= n as f64;
+    }
+
+    /// Whether the bucket is in debt (after [`Bucket::charge`]).
+    pub fn overdrawn(&mut self, now: Instant) -> bool {
+        if self.unlimited() {
+            return false;
+        }
+        self.refill(now);
+        self.tokens < 0.0
     }
 
     /// When the next token will be there (`now` if one is).
@@ -104,6 +132,20 @@ mod tests {
         // Never more than the burst.
         assert_eq!(b.ready_at(t0, 1_000_000), t0 + Duration::from_millis(100));
         assert_eq!(b.per(Duration::from_millis(5)), 5);
+    }
+
+    #[test]
+    fn charged_work_is_paid_back_at_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(1000, 1000);
+        b.charge(t0, 3000);
+        assert!(b.overdrawn(t0));
+        // 2000 tokens of debt, then 100 for the batch: 2.1 s.
+        assert_eq!(b.ready_at(t0, 100), t0 + Duration::from_millis(2100));
+        assert!(!b.overdrawn(t0 + Duration::from_secs(2)));
+        let mut m = Bucket::per_minute(6, 2);
+        assert!(m.take(t0) && m.take(t0) && !m.take(t0));
+        assert!(m.take(t0 + Duration::from_secs(10)));
     }
 
     #[test]

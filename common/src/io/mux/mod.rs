@@ -544,10 +544,22 @@ impl Mux {
     }
 
     /// After the grace period: reset what remains and close the link.
+    /// (Dropping a mux gives back what its streams hold too, without the
+    /// resets.)
     pub fn finish_shutdown(&mut self, now: Instant, registry: &Registry) {
         self.session.close(now);
         self.dispatch(now, registry, &mut NoOpener);
         let _ = self.link.write(now, registry, &mut self.session);
         self.link.close(registry);
+    }
+}
+
+impl Drop for Mux {
+    fn drop(&mut self) {
+        for key in self.conns.keys().collect::<Vec<_>>() {
+            let conn = self.conns.remove(key).expect("listed");
+            self.cfg.budget.release_buffer(conn.reserved);
+            self.cfg.budget.release_fd();
+        }
     }
 }

@@ -57,12 +57,26 @@ pub struct Policy {
     /// (with a burst of as many); beyond it the session ends with
     /// `ENHANCE_YOUR_CALM`.
     pub violations_per_10s: u32,
+    /// Sessions established per minute, with a burst of twice as many.
+    /// Beyond it the end of a session counts as a failure whatever its
+    /// reason, so a peer that ends sessions as fast as it makes them is held
+    /// off like one that breaks the rules.
+    pub sessions_per_minute: u32,
+    /// Input bytes a handshake may examine per second, CRC work included
+    /// (a burst of as many). Beyond it the channel is not read until the
+    /// work is paid back: scanning costs at most this much per second.
+    pub scan_bytes_per_sec: u32,
 }
 
 pub const DEFAULT_CONTROL_RATE: u32 = 100_000;
 pub const DEFAULT_FRAME_RATE: u32 = 500_000;
 pub const DEFAULT_OPEN_RATE: u32 = 2_000;
 pub const DEFAULT_VIOLATIONS_PER_10S: u32 = 1_000;
+pub const DEFAULT_SESSIONS_PER_MINUTE: u32 = 6;
+/// 32 MiB a second: a handshake after a restart discards at most a few MB of
+/// stale bytes (the channel's buffers), so it waits at most a fraction of a
+/// second; a peer spraying magics costs the host at most this much CRC work.
+pub const DEFAULT_SCAN_BYTES_PER_SEC: u32 = 32 << 20;
 
 impl Policy {
     /// No limits at all (tests, and peers that are trusted).
@@ -73,6 +87,8 @@ impl Policy {
             open_rate: 0,
             open_burst: 0,
             violations_per_10s: 0,
+            sessions_per_minute: 0,
+            scan_bytes_per_sec: 0,
         }
     }
 }
@@ -85,6 +101,8 @@ impl Default for Policy {
             open_rate: DEFAULT_OPEN_RATE,
             open_burst: DEFAULT_MAX_STREAMS,
             violations_per_10s: DEFAULT_VIOLATIONS_PER_10S,
+            sessions_per_minute: DEFAULT_SESSIONS_PER_MINUTE,
+            scan_bytes_per_sec: DEFAULT_SCAN_BYTES_PER_SEC,
         }
     }
 }

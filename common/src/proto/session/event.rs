@@ -7,13 +7,15 @@ use std::time::Duration;
 use crate::proto::code::Code;
 use crate::proto::frame::StreamId;
 use crate::proto::hello::Limits;
+use crate::proto::text::PeerText;
 
 /// What both sides agreed on, for logs and for sizing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SessionInfo {
     pub version: u8,
     pub tag: u16,
-    pub peer_identity: String,
+    /// The identity text of the peer's HELLO.
+    pub peer_identity: PeerText,
     pub peer_limits: Limits,
 }
 
@@ -29,7 +31,7 @@ pub enum EndReason {
     /// The peer broke the protocol; a GOAWAY with `code` was sent.
     Violation { code: Code, detail: String },
     /// The peer sent GOAWAY with no drain period.
-    PeerGoAway { code: Code, text: String },
+    PeerGoAway { code: Code, text: PeerText },
     /// A GOAWAY's drain period is over or no stream is left.
     Drained,
     /// This side stopped (see [`Session::shutdown`]) before the session drained.
@@ -66,7 +68,11 @@ pub enum Event<'a> {
     /// The session ended: abort every stream it carried.
     Ended(EndReason),
     /// The handshake failed: the peer refused us (`by_peer`) or we refused it.
-    Rejected { by_peer: bool, code: Code, text: String },
+    Rejected {
+        by_peer: bool,
+        code: Code,
+        text: PeerText,
+    },
     /// (host) The guest opened a stream: connect, then [`Session::accept`] or
     /// [`Session::refuse`]. DATA may arrive before that.
     Opened { stream: StreamId, service: String },
@@ -77,7 +83,7 @@ pub enum Event<'a> {
     Refused {
         stream: StreamId,
         code: Code,
-        text: String,
+        text: PeerText,
         by_peer: bool,
     },
     /// Stream bytes, in order. Pass them on, then call [`Session::consumed`].
@@ -89,7 +95,7 @@ pub enum Event<'a> {
     Reset {
         stream: StreamId,
         code: Code,
-        text: String,
+        text: PeerText,
         by_peer: bool,
     },
     /// The stream had no credit and has some again.
@@ -98,7 +104,7 @@ pub enum Event<'a> {
     GoingAway {
         code: Code,
         drain: Duration,
-        text: String,
+        text: PeerText,
     },
 }
 
@@ -181,4 +187,11 @@ pub struct Stats {
     pub opens_refused_for_rate: u64,
     /// Bytes written to the channel.
     pub bytes_out: u64,
+    /// Sessions that ended beyond the session rate (counted as failures).
+    pub churned: u64,
+    /// REFUSE HELLOs ignored because they did not echo this side's nonce.
+    pub stale_refusals: u64,
+    /// Bytes of work handshakes did looking for a HELLO: bytes scanned and
+    /// bytes run through the CRC.
+    pub scan_work: u64,
 }

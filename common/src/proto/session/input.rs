@@ -5,13 +5,14 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::{
-    push_frame, EndReason, Established, Event, Session, SessionInfo, State, Step, Stream,
+    push_frame, EndReason, Established, Event, Session, SessionInfo, State, Stats, Step, Stream,
     MAX_DISCARD_PER_HANDSHAKE,
 };
 use crate::proto::code::Code;
 use crate::proto::crc32c::crc32c;
 use crate::proto::frame::{self, Decoded, Frame, StreamId, HEADER_LEN};
 use crate::proto::hello::{self, Hello, HelloParse, Role};
+use crate::proto::rate::Bucket;
 
 impl Session {
     pub(super) fn discard_input(&mut self) -> Step {
@@ -33,11 +34,20 @@ impl Session {
             return Step::Event(Event::Rejected {
                 by_peer: false,
                 code: Code::ProtocolError,
-                text: format!("{} MiB without a valid HELLO", MAX_DISCARD_PER_HANDSHAKE >> 20),
+                text: format!("{} MiB without a valid HELLO", MAX_DISCARD_PER_HANDSHAKE >> 20).into(),
             });
+        }
+        if self.limits.scan.overdrawn(now) {
+            // Scanning costs at most the scan rate: wait until the work done
+            // is paid back, with the channel unread meanwhile.
+            let batch = self.limits.scan.per(super::THROTTLE_BATCH);
+            self.throttled_until = Some(self.limits.scan.ready_at(now, batch));
+            self.stats.throttled += 1;
+            return Step::Need;
         }
         match hello::find_magic(self.rx.filled()) {
             Err(keep) => {
+                charge_scan(&mut self.limits.scan, &mut self.stats, now, keep);
                 self.stats.bytes_discarded += keep as u64;
                 h.discarded += keep as u64;
                 self.rx.consume(keep);
@@ -48,12 +58,15 @@ impl Session {
             }
             Ok(pos) => {
                 if pos > 0 {
+                    charge_scan(&mut self.limits.scan, &mut self.stats, now, pos);
                     self.stats.bytes_discarded += pos as u64;
                     h.discarded += pos as u64;
                     self.rx.consume(pos);
                     h.partial_since = None;
                 }
-                match Hello::parse(self.rx.filled()) {
+                let (parsed, crc_bytes) = Hello::parse_costed(self.rx.filled());
+                charge_scan(&mut self.limits.scan, &mut self.stats, now, crc_bytes);
+                match parsed {
                     HelloParse::Incomplete => {
                         h.partial_since.get_or_insert(now);
                         Step::Need
@@ -61,6 +74,7 @@ impl Session {
                     HelloParse::Invalid(_) => {
                         h.partial_since = None;
                         h.discarded += 1;
+                        charge_scan(&mut self.limits.scan, &mut self.stats, now, 1);
                         self.stats.hellos_discarded += 1;
                         self.rx.consume(1);
                         Step::Continue
@@ -84,7 +98,7 @@ impl Session {
                             return Step::Event(Event::Rejected {
                                 by_peer: false,
                                 code: Code::EnhanceYourCalm,
-                                text,
+                                text: text.into(),
                             });
                         }
                         self.on_hello(peer, now)
@@ -99,6 +113,13 @@ impl Session {
             unreachable!()
         };
         let nonce = h.nonce;
+        if peer.refuse && peer.echo != nonce {
+            // Not about this handshake: replayed or stale bytes (a restarted
+            // side reads what the channel kept from before). Obeying it would
+            // let old bytes push a fresh handshake into backoff.
+            self.stats.stale_refusals += 1;
+            return Step::Continue;
+        }
         if peer.refuse {
             self.failures += 1;
             self.retry_handshake(now);
@@ -115,7 +136,7 @@ impl Session {
             return Step::Event(Event::Rejected {
                 by_peer: false,
                 code,
-                text,
+                text: text.into(),
             });
         }
         let State::Handshaking(h) = &mut self.state else {
@@ -152,6 +173,7 @@ impl Session {
             pending_pong: None,
             drain_until: None,
             window_pool: u64::from(self.cfg.window_pool),
+            over_rate: !self.limits.sessions.take(now),
         }));
         self.stats.sessions += 1;
         Step::Event(Event::Established(info))
@@ -269,7 +291,7 @@ impl Session {
                 if drain_ms == 0 || e.streams.is_empty() {
                     let reason = EndReason::PeerGoAway {
                         code,
-                        text: text.to_owned(),
+                        text: text.into(),
                     };
                     return Step::Event(self.end(reason, now));
                 }
@@ -279,7 +301,7 @@ impl Session {
                 return Step::Event(Event::GoingAway {
                     code,
                     drain,
-                    text: text.to_owned(),
+                    text: text.into(),
                 });
             }
             Frame::Open { service, .. } => {
@@ -330,7 +352,7 @@ impl Session {
                     return Step::Event(Event::Refused {
                         stream,
                         code,
-                        text,
+                        text: text.into(),
                         by_peer: false,
                     });
                 }
@@ -391,7 +413,7 @@ impl Session {
                 Step::Event(Event::Refused {
                     stream,
                     code,
-                    text: text.to_owned(),
+                    text: text.into(),
                     by_peer: true,
                 })
             }
@@ -425,7 +447,7 @@ impl Session {
                 Step::Event(Event::Reset {
                     stream,
                     code,
-                    text: text.to_owned(),
+                    text: text.into(),
                     by_peer: true,
                 })
             }
@@ -445,7 +467,7 @@ impl Session {
         Step::Event(Event::Reset {
             stream,
             code,
-            text: text.to_owned(),
+            text: text.into(),
             by_peer: false,
         })
     }
@@ -456,4 +478,10 @@ impl Session {
         let detail = format!("more than {n} stream violations or refused opens in 10 s");
         Step::Event(self.fail(Code::EnhanceYourCalm, detail, now))
     }
+}
+
+/// Counts handshake work against the scan rate.
+fn charge_scan(bucket: &mut Bucket, stats: &mut Stats, now: Instant, bytes: usize) {
+    bucket.charge(now, bytes);
+    stats.scan_work += bytes as u64;
 }

@@ -95,6 +95,8 @@ struct Established {
     drain_until: Option<Instant>,
     /// Receive window the streams may still draw beyond their base.
     window_pool: u64,
+    /// Established beyond the session rate: its end counts as a failure.
+    over_rate: bool,
 }
 
 impl Established {
@@ -156,15 +158,25 @@ struct RateLimits {
     frames: Bucket,
     opens: Bucket,
     violations: Bucket,
+    sessions: Bucket,
+    /// Bytes of input a handshake examines, CRC work included.
+    scan: Bucket,
 }
 
 impl RateLimits {
     fn new(p: &Policy) -> RateLimits {
+        let sessions = if p.sessions_per_minute == 0 {
+            Bucket::new(0, 0)
+        } else {
+            Bucket::per_minute(p.sessions_per_minute, 2 * p.sessions_per_minute)
+        };
         RateLimits {
             control: Bucket::new(p.control_rate, p.control_rate),
             frames: Bucket::new(p.frame_rate, p.frame_rate),
             opens: Bucket::new(p.open_rate, p.open_burst),
             violations: Bucket::new(p.violations_per_10s.div_ceil(10), p.violations_per_10s),
+            sessions,
+            scan: Bucket::new(p.scan_bytes_per_sec, p.scan_bytes_per_sec),
         }
     }
 }
@@ -173,13 +185,17 @@ impl Session {
     /// A session whose link is down. `seed` feeds the nonce generator.
     pub fn new(cfg: Config, seed: u64) -> Session {
         debug_assert!(cfg.limits.check().is_ok(), "{:?}", cfg.limits.check());
+        // DATA stops at the high-water mark plus one frame; replies stop the
+        // parsing of input CONTROL_ALLOWANCE later.
+        let frame = cfg.limits.max_frame_payload as usize + frame::FRAME_OVERHEAD;
+        let cfg_tx_limit = cfg.tx_high_water + 2 * frame + CONTROL_ALLOWANCE;
         Session {
             rx: RxBuf::with_capacity(cfg.rx_capacity()),
             limits: RateLimits::new(&cfg.policy),
             cfg,
             rng: SplitMix64::new(seed),
             state: State::Down,
-            tx: TxBuf::default(),
+            tx: TxBuf::with_soft_limit(cfg_tx_limit),
             queued: VecDeque::new(),
             failures: 0,
             shutting_down: false,
@@ -510,7 +526,13 @@ impl Session {
         let State::Established(e) = &mut self.state else {
             return None;
         };
-        let max = e.info.peer_limits.max_frame_payload as usize;
+        // Frames are sized by this side's own buffers, never by what the
+        // peer declares it could take (up to 16 MiB).
+        let max = e
+            .info
+            .peer_limits
+            .max_frame_payload
+            .min(self.cfg.limits.max_frame_payload) as usize;
         let s = e.streams.get(&stream)?;
         if s.local_fin || !(s.accepted || guest) || s.send.available() == 0 {
             return None;
@@ -682,7 +704,7 @@ impl Session {
             capabilities: 0,
             limits: self.cfg.limits,
             code: refuse.map_or(Code::NoError, |r| r.0),
-            text: refuse.map_or(self.cfg.identity.clone(), |r| r.1.to_owned()),
+            text: refuse.map_or(self.cfg.identity.as_str(), |r| r.1).into(),
         };
         let mut bytes = Vec::with_capacity(hello.encoded_len());
         hello.encode(&mut bytes);
@@ -702,6 +724,7 @@ impl Session {
             unreachable!("only an established session ends")
         };
         let lasted = now.duration_since(e.since);
+        let churn = e.over_rate && !matches!(reason, EndReason::LinkLost | EndReason::Shutdown);
         if lasted >= self.cfg.backoff_reset_after {
             self.failures = 0;
         }
@@ -713,6 +736,12 @@ impl Session {
             } => self.failures = self.failures.max(1) + 1,
             EndReason::PeerRestarted if lasted < MIN_SESSION => self.failures += 1,
             r if r.is_failure() => self.failures += 1,
+            // Sessions made faster than the session rate: whatever ended
+            // them, the peer is churning.
+            _ if churn => {
+                self.stats.churned += 1;
+                self.failures += 1;
+            }
             _ => {}
         }
         self.state = State::Down;

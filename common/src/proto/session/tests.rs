@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::proto::frame::{write_header, FrameType, HEADER_LEN};
-use crate::proto::hello::HelloParse;
+use crate::proto::hello::{HelloParse, Limits};
 
 /// An event with its data copied out, so tests can keep it.
 #[derive(Debug, PartialEq, Eq)]
@@ -619,7 +619,7 @@ fn version_mismatch_is_refused_with_a_reason() {
     p.h.s.recv_space()[..b.len()].copy_from_slice(&b);
     p.h.s.recv_commit(b.len());
     p.h.poll(p.now);
-    assert!(p.h.has(|e| matches!(e, Event::Rejected { by_peer: false, code: Code::VersionMismatch, text } if text.contains("peer speaks 2..=3"))));
+    assert!(p.h.has(|e| matches!(e, Event::Rejected { by_peer: false, code: Code::VersionMismatch, text } if text.as_str().contains("peer speaks 2..=3"))));
     // What the host sent back is a REFUSE HELLO.
     let out = p.h.s.poll_transmit().to_vec();
     let pos = hello::find_magic(&out[1..]).unwrap() + 1;
@@ -1003,4 +1003,183 @@ fn addresses_and_paths_are_refused_as_unknown_services() {
         p.h.s.is_established(),
         "a bad name costs the stream, not the session"
     );
+}
+
+/// The nonce of a side that is handshaking.
+fn handshake_nonce(s: &Session) -> Nonce {
+    match &s.state {
+        State::Handshaking(h) => h.nonce,
+        _ => panic!("not handshaking"),
+    }
+}
+
+fn refuse_hello(echo: Nonce) -> Vec<u8> {
+    let h = Hello {
+        min_version: 1,
+        max_version: 1,
+        role: Some(Role::Host),
+        refuse: true,
+        nonce: [9; 16],
+        echo,
+        capabilities: 0,
+        limits: Config::new(Role::Host, "").limits,
+        code: Code::EnhanceYourCalm,
+        text: "go away".into(),
+    };
+    let mut b = vec![];
+    h.encode(&mut b);
+    b
+}
+
+fn feed(s: &mut Session, bytes: &[u8], now: Instant) -> Vec<Ev> {
+    let space = s.recv_space();
+    space[..bytes.len()].copy_from_slice(bytes);
+    s.recv_commit(bytes.len());
+    let mut evs = vec![];
+    while let Some(ev) = s.poll_event(now) {
+        evs.push(own(ev));
+    }
+    evs
+}
+
+#[test]
+fn a_refusal_that_does_not_echo_our_nonce_is_stale() {
+    let mut p = Pair::new();
+    p.g.s.link_up(p.now);
+    // Replayed bytes: a refusal of some earlier handshake.
+    let evs = feed(&mut p.g.s, &refuse_hello([5; 16]), p.now);
+    assert!(evs.is_empty(), "{evs:?}");
+    assert_eq!(p.g.s.stats().stale_refusals, 1);
+    // The handshake goes on as if nothing had come: no backoff.
+    p.h.s.link_up(p.now);
+    p.drive();
+    assert!(p.g.s.is_established() && p.h.s.is_established());
+    // A refusal of this very handshake is obeyed.
+    let mut g = Session::new(Config::new(Role::Guest, "g"), 7);
+    g.link_up(p.now);
+    let mine = handshake_nonce(&g);
+    let evs = feed(&mut g, &refuse_hello(mine), p.now);
+    assert!(
+        matches!(
+            &evs[..],
+            [Ev::Other(Event::Rejected {
+                by_peer: true,
+                code: Code::EnhanceYourCalm,
+                ..
+            })]
+        ),
+        "{evs:?}"
+    );
+}
+
+#[test]
+fn sessions_beyond_the_session_rate_back_off_like_failures() {
+    let policy = Policy {
+        sessions_per_minute: 6,
+        ..Policy::default()
+    };
+    let mut p = pair_with_host_policy(policy);
+    let start = p.now;
+    let mut per_minute = [0u64; 3];
+    // The guest ends every session at once and handshakes again.
+    while p.now < start + Duration::from_secs(180) {
+        if p.g.s.is_established() && p.h.s.is_established() {
+            let minute = (p.now - start).as_secs() as usize / 60;
+            per_minute[minute] += 1;
+            p.g.s.go_away(Code::NoError, Duration::ZERO, "bye", p.now);
+            p.drive();
+        }
+        p.advance(Duration::from_millis(100));
+    }
+    let churned = p.h.s.stats().churned;
+    // A burst of twice the rate, then ever longer holds: after the first
+    // minute a handful a minute.
+    assert!(per_minute[0] <= 24, "{per_minute:?}");
+    assert!(per_minute[1] <= 6 && per_minute[2] <= 6, "{per_minute:?}");
+    assert!(
+        per_minute[2] >= 1,
+        "the peer is held off, not shut out: {per_minute:?}"
+    );
+    assert!(churned > 0);
+}
+
+/// Candidates a sprayer would craft: magic, the largest length, then fixed
+/// fields that pass every check but the CRC, every 70 bytes.
+fn magic_spray(len: usize) -> Vec<u8> {
+    let mut one = [0u8; 70];
+    one[..8].copy_from_slice(&crate::proto::hello::MAGIC);
+    one[8..10].copy_from_slice(&1024u16.to_be_bytes());
+    one[10] = 1;
+    one[11] = 1;
+    one[12] = 1;
+    one[14..30].fill(0x55);
+    one.iter().copied().cycle().take(len).collect()
+}
+
+#[test]
+fn a_magic_spray_costs_at_most_the_scan_rate() {
+    let policy = Policy {
+        scan_bytes_per_sec: 1 << 20,
+        ..Policy::default()
+    };
+    let mut cfg = Config::new(Role::Host, "host test");
+    cfg.policy = policy;
+    let mut h = Session::new(cfg, 2);
+    let t0 = Instant::now();
+    h.link_up(t0);
+    let spray = magic_spray(64 << 20);
+    let mut fed = 0;
+    let mut now = t0;
+    while now < t0 + Duration::from_secs(5) {
+        let space = h.recv_space();
+        let n = space.len().min(spray.len() - fed);
+        space[..n].copy_from_slice(&spray[fed..fed + n]);
+        h.recv_commit(n);
+        fed += n;
+        while h.poll_event(now).is_some() {}
+        now += Duration::from_millis(10);
+        if h.poll_timeout().is_some_and(|t| now >= t) {
+            h.handle_timeout(now);
+        }
+    }
+    let work = h.stats().scan_work;
+    // 5 s at 1 MiB/s, plus the burst of one second's worth.
+    assert!(work <= 6 << 20, "{work} bytes of scan work in 5 s");
+    assert!(work >= 3 << 20, "the scanner did work: {work}");
+    assert!(h.stats().throttled > 0);
+    // Without the candidates' cheap fields the CRC is never run at all.
+    let mut h = Session::new(Config::new(Role::Host, "h"), 3);
+    h.link_up(t0);
+    let cheap: Vec<u8> = crate::proto::hello::MAGIC
+        .iter()
+        .chain(&1024u16.to_be_bytes())
+        .copied()
+        .cycle()
+        .take(100_000)
+        .collect();
+    feed(&mut h, &cheap, t0);
+    let work = h.stats().scan_work;
+    assert!(
+        (100_000 - 1034..=100_000).contains(&work),
+        "{work}: each byte scanned once, no CRC"
+    );
+}
+
+#[test]
+fn frames_sent_are_sized_by_this_side_not_by_the_peer() {
+    let mut p = Pair::new();
+    let mut cfg = Config::new(Role::Guest, "greedy guest");
+    cfg.limits.max_frame_payload = Limits::MAX_FRAME_PAYLOAD;
+    cfg.limits.initial_window = Limits::MAX_WINDOW;
+    p.g = Side {
+        s: Session::new(cfg, 1),
+        events: vec![],
+        auto_consume: true,
+    };
+    p.h.s.cfg.limits.max_frame_payload = 16 << 10;
+    p.up();
+    let id = open_accepted(&mut p);
+    let room = p.h.s.send_space(id).map(|s| s.len());
+    assert_eq!(room, Some(16 << 10));
+    p.h.s.send_commit(id, 0);
 }

@@ -692,7 +692,7 @@ fn pump_managed(s: &mut Session, out: &mut Out, stats: &mut Stats, now: Instant)
                     _ => None,
                 };
                 if let EndReason::PeerGoAway { code, text } = &reason {
-                    stats.goaways.add(*code, text);
+                    stats.goaways.add(*code, text.as_str());
                 }
                 stats.end(now, "session", code, reason.to_string());
             }
