@@ -5,7 +5,8 @@
 //! - [`proto`]: the wire protocol, sans IO (`docs/PROTOCOL.md`): frames and
 //!   HELLO codec, credit flow control, and the [`proto::Session`] state
 //!   machine. No sockets, no clock; fully testable in memory.
-//! - [`cli`]: value parsers shared by both daemons' command lines.
+//! - [`cli`]: value parsers shared by both daemons' command lines;
+//!   [`daemon`]: what both daemons' `main` does (logging, exit codes).
 //! - [`io`]: the mio glue both daemons share: a stream's socket and buffers,
 //!   the channel (unix socket or virtio-serial device), and the multiplexer
 //!   that joins them to a session.
@@ -13,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod daemon;
 pub mod io;
 pub mod proto;
 pub mod sys;

@@ -64,11 +64,16 @@ impl Listener {
     }
 
     /// One accepted client and a printable peer address. The socket aborts on
-    /// close from the start (see `Sock::abort_on_close`).
+    /// close from the start (see `Sock::abort_on_close`); a client whose
+    /// socket cannot is closed at once, before a byte flows, and skipped.
     pub fn accept(&self) -> io::Result<(Sock, String)> {
-        let (sock, peer) = self.accept_raw()?;
-        sock.abort_on_close();
-        Ok((sock, peer))
+        loop {
+            let (sock, peer) = self.accept_raw()?;
+            match sock.abort_on_close() {
+                Ok(()) => return Ok((sock, peer)),
+                Err(e) => log::warn!("client {peer} closed at once: its socket cannot abort: {e}"),
+            }
+        }
     }
 
     fn accept_raw(&self) -> io::Result<(Sock, String)> {

@@ -72,6 +72,11 @@ pub struct Cli {
     )]
     pub channel_pattern: String,
 
+    /// Event-loop threads serving the guests [default: one per core]. Guests
+    /// are spread over them; none has a thread of its own.
+    #[arg(long, value_name = "N", env = "VIOS_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+
     /// How often guest directories are rescanned.
     #[arg(long, value_name = "DURATION", env = "VIOS_RESCAN", default_value = "5s", value_parser = parse_duration)]
     pub rescan: Duration,
@@ -84,7 +89,7 @@ pub struct Cli {
 
     /// Streams one guest may have open at once (over all its channels).
     #[arg(long, value_name = "N", env = "VIOS_MAX_STREAMS", default_value_t = 1024,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_streams: u32,
 
     /// Credit each stream starts with: bytes a guest may send before the

@@ -67,7 +67,7 @@ fn at_the_descriptor_limit_no_established_guest_is_lost() {
     let r = first.command("fill", Duration::from_secs(120));
     let open = json_num(&r, "open_streams");
     assert!(
-        r.contains("RESOURCE_LIMIT") && open > 900.0,
+        r.contains("RESOURCE_LIMIT") && open > 1500.0,
         "the guests did not reach the descriptor limit: {r}"
     );
     let fds = fd_count(host.pid());
@@ -76,9 +76,10 @@ fn at_the_descriptor_limit_no_established_guest_is_lost() {
     let refused = log_lines(&host.log_text(), "refused: RESOURCE_LIMIT").len();
     assert!(refused > 0, "no stream was refused for descriptors");
 
-    // 100 more guests appear: only a few fit in what streams left.
+    // 100 more guests appear: only some of their channels fit in the
+    // reserve streams left; the others wait, logged once, retried.
     let mut late = Guests::start(&guests_dir, 301, 100, &dir.join("guests2.log"));
-    host.wait_log("cannot be served", 1, Duration::from_secs(10));
+    host.wait_log("no descriptor free", 1, Duration::from_secs(10));
     // Several rescans go by at the limit.
     std::thread::sleep(Duration::from_secs(4));
     let text = host.log_text();
@@ -87,7 +88,7 @@ fn at_the_descriptor_limit_no_established_guest_is_lost() {
         "a guest was reported gone at the limit:\n{}",
         log_lines(&text, "is gone").join("\n")
     );
-    let unserved = log_lines(&text, "cannot be served");
+    let unserved = log_lines(&text, "no descriptor free");
     let mut names: Vec<&str> = unserved
         .iter()
         .filter_map(|l| l.split("guest ").nth(1)?.split(':').next())
@@ -113,7 +114,6 @@ fn at_the_descriptor_limit_no_established_guest_is_lost() {
     assert_eq!(json_num(&r, "established_now"), 100.0, "{r}\n{}", host.log_text());
     let r = late.command("open 1", Duration::from_secs(30));
     assert_eq!(json_num(&r, "echoed"), 100.0, "{r}");
-    host.wait_log("descriptors free again", 1, Duration::from_secs(5));
     let r = first.command("report", Duration::from_secs(10));
     assert_eq!(json_num(&r, "sessions_ended"), 0.0, "{r}");
 }

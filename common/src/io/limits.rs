@@ -1,9 +1,11 @@
-//! What one guest may hold on the host: buffered bytes (per guest),
-//! descriptors (one ledger for the whole process), stream timeouts, and how
-//! many stream log lines it may cause per second.
+//! What one guest may hold on the host: buffered bytes and streams (per
+//! guest), descriptors (one ledger for the whole process, with a fair share
+//! per guest), stream timeouts, and how many stream log lines it may cause
+//! per second.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Every descriptor the process holds, counted against its open-files limit.
@@ -14,6 +16,12 @@ use std::time::{Duration, Instant};
 /// reserve, so a guest's streams can never take the descriptor a new
 /// channel, or the next scan, needs: at the limit streams are refused with
 /// `RESOURCE_LIMIT`, nothing else fails.
+///
+/// Stream descriptors are shared fairly between guests: each of `G` guests
+/// is guaranteed `room / G` of them. A guest may use more while others do
+/// not need theirs, but never what others are still owed: a guest past its
+/// share takes a descriptor only if, after it, every other guest could still
+/// reach its share.
 #[derive(Debug)]
 pub struct Descriptors {
     limit: usize,
@@ -21,7 +29,49 @@ pub struct Descriptors {
     /// Most stream descriptors at once (`--max-fds`), within the limit.
     max_streams: usize,
     used: AtomicUsize,
-    streams: AtomicUsize,
+    shares: Mutex<Shares>,
+}
+
+/// Who holds the stream descriptors.
+#[derive(Debug, Default)]
+struct Shares {
+    /// Stream descriptors each guest holds.
+    held: HashMap<u64, usize>,
+    total: usize,
+    /// What the guests below their share are still owed, in all.
+    owed: usize,
+}
+
+impl Shares {
+    fn fair(&self, room: usize) -> usize {
+        room / self.held.len().max(1)
+    }
+
+    fn recount(&mut self, room: usize) {
+        let fair = self.fair(room);
+        self.owed = self.held.values().map(|&h| fair.saturating_sub(h)).sum();
+    }
+}
+
+/// Why a stream descriptor was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FdRefusal {
+    /// Streams of all guests reached `--max-fds` or the reserve.
+    Exhausted { max: usize },
+    /// The guest holds its share and the rest is owed to other guests.
+    Share { share: usize, guests: usize },
+}
+
+impl std::fmt::Display for FdRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FdRefusal::Exhausted { max } => write!(f, "descriptor limit of {max} streams reached"),
+            FdRefusal::Share { share, guests } => write!(
+                f,
+                "guest holds its share of {share} stream descriptors ({guests} guests) and the rest is owed to others"
+            ),
+        }
+    }
 }
 
 impl Descriptors {
@@ -40,7 +90,7 @@ impl Descriptors {
             reserve,
             max_streams: max_streams.map_or(room, |m| m.min(room)),
             used: AtomicUsize::new(base),
-            streams: AtomicUsize::new(0),
+            shares: Mutex::new(Shares::default()),
         }
     }
 
@@ -51,7 +101,7 @@ impl Descriptors {
             reserve: 0,
             max_streams: usize::MAX,
             used: AtomicUsize::new(0),
-            streams: AtomicUsize::new(0),
+            shares: Mutex::new(Shares::default()),
         }
     }
 
@@ -74,35 +124,70 @@ impl Descriptors {
         debug_assert!(prev >= n, "released {n} of {prev} descriptors");
     }
 
-    /// Counts one stream descriptor, unless that would touch the reserve or
-    /// pass `--max-fds`.
-    pub fn take_stream(&self) -> bool {
-        let max = self.max_streams;
-        let counted = self
-            .streams
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                (s < max).then_some(s + 1)
-            })
-            .is_ok();
-        if !counted {
-            return false;
-        }
-        if self.take(1, self.limit.saturating_sub(self.reserve)) {
-            return true;
-        }
-        self.streams.fetch_sub(1, Ordering::Relaxed);
-        false
+    fn shares(&self) -> std::sync::MutexGuard<'_, Shares> {
+        self.shares.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn release_stream(&self) {
-        self.streams.fetch_sub(1, Ordering::Relaxed);
+    /// A guest that will hold stream descriptors: from now on the room is
+    /// shared with it too.
+    pub fn add_guest(&self, guest: u64) {
+        let mut sh = self.shares();
+        sh.held.entry(guest).or_insert(0);
+        sh.recount(self.max_streams);
+    }
+
+    /// A guest that is gone (its streams were released first).
+    pub fn remove_guest(&self, guest: u64) {
+        let mut sh = self.shares();
+        if let Some(held) = sh.held.remove(&guest) {
+            debug_assert_eq!(held, 0, "guest {guest} removed holding {held} streams");
+            sh.total -= held;
+        }
+        sh.recount(self.max_streams);
+    }
+
+    /// Counts one stream descriptor for `guest`, unless that would touch the
+    /// reserve, pass `--max-fds`, or take what other guests are owed.
+    pub fn take_stream(&self, guest: u64) -> Result<(), FdRefusal> {
+        let room = self.max_streams;
+        let mut sh = self.shares();
+        let guests = sh.held.len().max(1);
+        let fair = sh.fair(room);
+        let held = sh.held.get(&guest).copied().unwrap_or(0);
+        if sh.total >= room {
+            return Err(FdRefusal::Exhausted { max: room });
+        }
+        let free_after = room - sh.total - 1;
+        // Below its share a guest only uses what it is owed; above it, it may
+        // borrow only what nobody is owed.
+        if held >= fair && free_after < sh.owed {
+            return Err(FdRefusal::Share { share: fair, guests });
+        }
+        if !self.take(1, self.limit.saturating_sub(self.reserve)) {
+            return Err(FdRefusal::Exhausted { max: room });
+        }
+        if held < fair {
+            sh.owed -= 1;
+        }
+        *sh.held.entry(guest).or_insert(0) += 1;
+        sh.total += 1;
+        Ok(())
+    }
+
+    pub fn release_stream(&self, guest: u64) {
+        let mut sh = self.shares();
+        let fair = sh.fair(self.max_streams);
+        if let Some(held) = sh.held.get_mut(&guest) {
+            debug_assert!(*held > 0);
+            *held -= 1;
+            let now_held = *held;
+            sh.total -= 1;
+            if now_held < fair {
+                sh.owed += 1;
+            }
+        }
+        drop(sh);
         self.release_infra(1);
-    }
-
-    /// Whether a stream descriptor is free now (a hint before connecting).
-    pub fn stream_available(&self) -> bool {
-        self.streams.load(Ordering::Relaxed) < self.max_streams
-            && self.used.load(Ordering::Relaxed) < self.limit.saturating_sub(self.reserve)
     }
 
     pub fn used(&self) -> usize {
@@ -121,33 +206,66 @@ impl Descriptors {
         self.max_streams
     }
 
+    /// Stream descriptors held by all guests.
     pub fn streams(&self) -> usize {
-        self.streams.load(Ordering::Relaxed)
+        self.shares().total
+    }
+
+    /// Stream descriptors `guest` holds.
+    pub fn streams_of(&self, guest: u64) -> usize {
+        self.shares().held.get(&guest).copied().unwrap_or(0)
     }
 }
 
-/// Bytes held for one guest's streams, and the process's descriptor ledger.
+/// Why a guest may not open another stream now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamRefusal {
+    /// The guest has its `--max-streams` open, over all its channels.
+    GuestLimit(usize),
+    Descriptors(FdRefusal),
+}
+
+impl std::fmt::Display for StreamRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamRefusal::GuestLimit(n) => write!(f, "guest has its limit of {n} streams open"),
+            StreamRefusal::Descriptors(r) => r.fmt(f),
+        }
+    }
+}
+
+/// What one guest holds on the host: bytes buffered for its streams, its
+/// streams over all its channels, and its stream descriptors in the
+/// process's ledger.
 #[derive(Debug)]
 pub struct Budget {
+    guest: u64,
     buffered: AtomicUsize,
     max_buffered: usize,
+    streams: AtomicUsize,
+    max_streams: usize,
     fds: Arc<Descriptors>,
 }
 
 impl Budget {
-    /// A budget with room for `max_buffered` bytes, drawing stream
-    /// descriptors from `fds`.
-    pub fn new(max_buffered: usize, fds: Arc<Descriptors>) -> Budget {
+    /// The budget of `guest`: at most `max_buffered` bytes and `max_streams`
+    /// streams, drawing stream descriptors from `fds` (where the guest is
+    /// registered until the budget is dropped).
+    pub fn new(guest: u64, max_buffered: usize, max_streams: usize, fds: Arc<Descriptors>) -> Budget {
+        fds.add_guest(guest);
         Budget {
+            guest,
             buffered: AtomicUsize::new(0),
             max_buffered,
+            streams: AtomicUsize::new(0),
+            max_streams,
             fds,
         }
     }
 
     /// No limits (the guest side, where the peer is the trusted host).
     pub fn unlimited() -> Budget {
-        Budget::new(usize::MAX, Arc::new(Descriptors::unlimited()))
+        Budget::new(0, usize::MAX, usize::MAX, Arc::new(Descriptors::unlimited()))
     }
 
     /// Reserves `n` more buffered bytes, unless that would pass the limit.
@@ -173,22 +291,40 @@ impl Budget {
         self.max_buffered
     }
 
-    /// Whether a stream descriptor is free (a hint before creating a socket).
-    pub fn fd_available(&self) -> bool {
-        self.fds.stream_available()
+    /// Counts a stream and its descriptor, unless the guest has its
+    /// `max_streams` open or no descriptor is free for it.
+    pub fn try_stream(&self) -> Result<(), StreamRefusal> {
+        let max = self.max_streams;
+        self.streams
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                (s < max).then_some(s + 1)
+            })
+            .map_err(|_| StreamRefusal::GuestLimit(max))?;
+        if let Err(r) = self.fds.take_stream(self.guest) {
+            self.streams.fetch_sub(1, Ordering::Relaxed);
+            return Err(StreamRefusal::Descriptors(r));
+        }
+        Ok(())
     }
 
-    /// Counts a stream descriptor, unless the limit is reached.
-    pub fn try_fd(&self) -> bool {
-        self.fds.take_stream()
+    pub fn release_stream(&self) {
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+        self.fds.release_stream(self.guest);
     }
 
-    pub fn release_fd(&self) {
-        self.fds.release_stream();
+    /// Streams the guest has open over all its channels.
+    pub fn streams(&self) -> usize {
+        self.streams.load(Ordering::Relaxed)
     }
 
-    pub fn max_fds(&self) -> usize {
-        self.fds.max_streams()
+    pub fn fds(&self) -> &Arc<Descriptors> {
+        &self.fds
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        self.fds.remove_guest(self.guest);
     }
 }
 
@@ -248,35 +384,36 @@ impl LogLimiter {
 mod tests {
     use super::*;
 
+    fn ledger(limit: usize, max_streams: Option<usize>) -> Arc<Descriptors> {
+        Arc::new(Descriptors::new(limit, 0, max_streams))
+    }
+
     #[test]
-    fn buffer_budget() {
-        let b = Budget::new(100, Arc::new(Descriptors::new(1000, 0, Some(2))));
+    fn buffer_budget_and_streams_over_all_channels() {
+        let b = Budget::new(1, 100, 2, ledger(1000, None));
         assert!(b.try_buffer(60));
         assert!(!b.try_buffer(41));
         assert!(b.try_buffer(40));
         b.release_buffer(100);
         assert_eq!(b.buffered(), 0);
-        assert!(b.try_fd() && b.try_fd() && !b.try_fd());
-        b.release_fd();
-        assert!(b.fd_available());
-    }
-
-    #[test]
-    fn fds_are_shared_between_budgets() {
-        let fds = Arc::new(Descriptors::new(1000, 0, Some(1)));
-        let a = Budget::new(10, fds.clone());
-        let b = Budget::new(10, fds);
-        assert!(a.try_fd());
-        assert!(!b.try_fd());
+        // Exactly max_streams, whichever channel asks.
+        assert!(b.try_stream().is_ok() && b.try_stream().is_ok());
+        assert_eq!(b.try_stream(), Err(StreamRefusal::GuestLimit(2)));
+        b.release_stream();
+        assert!(b.try_stream().is_ok());
+        assert_eq!(b.fds().streams_of(1), 2);
+        b.release_stream();
+        b.release_stream();
     }
 
     #[test]
     fn streams_stop_at_the_reserve_and_infrastructure_at_the_scan_room() {
         // 2000 descriptors, 10 open: a reserve of 64 + 31 is kept from streams.
         let d = Descriptors::new(2000, 10, None);
+        d.add_guest(1);
         assert_eq!(d.reserve(), 95);
         let mut streams = 0;
-        while d.take_stream() {
+        while d.take_stream(1).is_ok() {
             streams += 1;
         }
         assert_eq!(streams, 2000 - 95 - 10);
@@ -290,12 +427,68 @@ mod tests {
         assert_eq!(d.used(), 2000 - Descriptors::SCAN_ROOM);
         // Streams never enter the reserve, even when one of theirs is freed
         // while channels use it.
-        d.release_stream();
-        assert!(!d.take_stream());
+        d.release_stream(1);
+        assert!(d.take_stream(1).is_err());
         // Once the channels are gone, streams may use what they left.
         d.release_infra(95 - Descriptors::SCAN_ROOM);
-        assert!(d.take_stream());
-        assert!(!d.take_stream());
+        assert!(d.take_stream(1).is_ok());
+        assert!(d.take_stream(1).is_err());
+    }
+
+    #[test]
+    fn a_guest_beyond_its_share_never_takes_what_others_are_owed() {
+        let d = ledger(100_000, Some(100));
+        for g in 1..=4 {
+            d.add_guest(g);
+        }
+        // Alone in using them, guest 1 may borrow the idle guests' shares,
+        // but not what they are owed: their 3 × 25 stay free.
+        let mut hog = 0;
+        while d.take_stream(1).is_ok() {
+            hog += 1;
+        }
+        assert_eq!(hog, 25);
+        assert_eq!(d.take_stream(1), Err(FdRefusal::Share { share: 25, guests: 4 }));
+        // Every neighbour still gets its whole share.
+        for g in 2..=4 {
+            for _ in 0..25 {
+                d.take_stream(g).unwrap();
+            }
+        }
+        assert_eq!(d.streams(), 100);
+        assert_eq!(d.take_stream(2), Err(FdRefusal::Exhausted { max: 100 }));
+        // A guest that leaves gives its share to the others.
+        for _ in 0..25 {
+            d.release_stream(4);
+        }
+        d.remove_guest(4);
+        assert!((0..8).all(|_| d.take_stream(1).is_ok()));
+        assert!((0..8).all(|_| d.take_stream(2).is_ok()));
+        assert!((0..8).all(|_| d.take_stream(3).is_ok()));
+        // 33 each; the one left over is nobody's: the first to ask gets it.
+        assert!(d.take_stream(3).is_ok());
+        assert_eq!(d.take_stream(3), Err(FdRefusal::Exhausted { max: 100 }));
+    }
+
+    #[test]
+    fn idle_shares_are_lent_while_nobody_needs_them() {
+        let d = ledger(100_000, Some(100));
+        d.add_guest(1);
+        d.add_guest(2);
+        // Guest 2 is owed 50; guest 1 may use the other 50.
+        assert_eq!((0..100).filter(|_| d.take_stream(1).is_ok()).count(), 50);
+        // Guest 2 uses 10: guest 1 may borrow nothing more (40 still owed).
+        for _ in 0..10 {
+            d.take_stream(2).unwrap();
+        }
+        assert!(d.take_stream(1).is_err());
+        // Guest 1 gives 20 back: it is below its share now, so of the 60
+        // free, guest 2 gets the 40 up to its own share and not the 20 guest 1
+        // is owed.
+        for _ in 0..20 {
+            d.release_stream(1);
+        }
+        assert_eq!((0..100).filter(|_| d.take_stream(2).is_ok()).count(), 40);
     }
 
     #[test]

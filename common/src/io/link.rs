@@ -28,10 +28,6 @@ use super::limits::Descriptors;
 use super::sock::{drained, interrupted, would_block};
 use crate::proto::Session;
 
-/// `O_NONBLOCK` on Linux for x86, ARM, RISC-V and s390 (std has no constant
-/// and no `set_nonblocking` for files; libc is not worth a dependency for it).
-const O_NONBLOCK: i32 = 0o4000;
-
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often an absent host is looked for without an edge.
@@ -39,7 +35,7 @@ const DEVICE_POLL: Duration = Duration::from_secs(1);
 /// A failure repeated this long is reported loudly again.
 pub const REPORT_AGAIN: Duration = Duration::from_secs(60);
 /// Bytes read from the channel per turn before other work gets a go.
-const READ_BUDGET: usize = 1 << 20;
+const READ_BUDGET_BYTES: usize = 1 << 20;
 
 /// Where the channel is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,6 +126,8 @@ pub struct Link {
     closing: bool,
     /// Where the channel's descriptor is counted.
     fds: Arc<Descriptors>,
+    /// (unix socket) Registered for WRITABLE too: a write blocked.
+    write_interest: bool,
 }
 
 impl Link {
@@ -147,6 +145,7 @@ impl Link {
             writable: false,
             closing: false,
             fds: Arc::new(Descriptors::unlimited()),
+            write_interest: false,
         }
     }
 
@@ -207,6 +206,7 @@ impl Link {
                 self.io = Some(io);
                 self.readable = true;
                 self.writable = true;
+                self.write_interest = false;
                 self.closing = false;
                 self.backoff = RETRY_FIRST;
                 self.last_failure = None;
@@ -256,7 +256,6 @@ impl Link {
     }
 
     fn open_counted(&self, registry: &Registry) -> io::Result<Io> {
-        let interest = Interest::READABLE | Interest::WRITABLE;
         match &self.spec {
             ChannelSpec::Unix(path) => {
                 let mut s = UnixStream::connect(path)?;
@@ -264,7 +263,9 @@ impl Link {
                 if let Some(e) = s.take_error()? {
                     return Err(e);
                 }
-                registry.register(&mut s, self.token, interest)?;
+                // Writes are tried at once; WRITABLE is asked for only while
+                // one is blocked (see `write`).
+                registry.register(&mut s, self.token, Interest::READABLE)?;
                 Ok(Io::Unix(s))
             }
             ChannelSpec::Device(path) => self.open_device(path, registry),
@@ -279,10 +280,10 @@ impl Link {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(O_NONBLOCK)
+            .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| {
-                if e.raw_os_error() == Some(16) {
+                if e.raw_os_error() == Some(libc::EBUSY) {
                     io::Error::new(
                         e.kind(),
                         format!("{}: port busy (is another bridge running?)", path.display()),
@@ -292,6 +293,8 @@ impl Link {
                 }
             })?;
         let fd = file.as_raw_fd();
+        // The device is registered for both for good: with no host it reports
+        // only HUP, and every host connect, drain and arrival is an edge.
         registry.register(
             &mut SourceFd(&fd),
             self.token,
@@ -303,7 +306,7 @@ impl Link {
     /// Reads what the channel has into the session, within a budget.
     pub fn read(&mut self, now: Instant, registry: &Registry, session: &mut Session) -> Option<LinkNews> {
         let mut total = 0;
-        while self.readable && total < READ_BUDGET {
+        while self.readable && total < READ_BUDGET_BYTES {
             let space = session.recv_space();
             if space.is_empty() {
                 return None; // the session is backed up; the flag stays set
@@ -335,8 +338,28 @@ impl Link {
         None
     }
 
-    /// Writes what the session has to send.
+    /// Writes what the session has to send. A unix socket that blocks is
+    /// registered for WRITABLE until the session's output is written.
     pub fn write(&mut self, now: Instant, registry: &Registry, session: &mut Session) -> Option<LinkNews> {
+        let news = self.write_out(now, registry, session);
+        let want = !self.writable && session.wants_write();
+        if let Some(Io::Unix(s)) = &mut self.io {
+            if want != self.write_interest {
+                let interest = if want {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                if let Err(e) = registry.reregister(s, self.token, interest) {
+                    return self.gone(now, registry, session, format!("cannot watch the socket: {e}"));
+                }
+                self.write_interest = want;
+            }
+        }
+        news
+    }
+
+    fn write_out(&mut self, now: Instant, registry: &Registry, session: &mut Session) -> Option<LinkNews> {
         while self.writable {
             let out = session.poll_transmit();
             if out.is_empty() {

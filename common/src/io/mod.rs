@@ -1,11 +1,25 @@
-//! The I/O pieces both bridges share, on mio: a stream's socket and buffers
-//! ([`conn`]), the channel ([`link`]), and the per-channel multiplexer that
-//! joins them to a session ([`mux`]).
+//! The I/O pieces both bridges share, on mio. From the bottom up:
+//!
+//! - [`sock`]: one stream's local socket (TCP or unix) and how it ends: an
+//!   abort shows the far end a reset, never a clean close.
+//! - [`conn`]: a stream's local end: its socket, what the socket has not
+//!   taken yet, half-close state, and the readiness it waits for.
+//! - [`link`]: the channel's byte pipe: QEMU's unix socket (host) or the
+//!   virtio-serial device (guest), with reconnects and backoff.
+//! - [`channel`]: the one owner of a link, its [`crate::proto::Session`] and
+//!   its streams' connections; `channel/mod.rs` shows where a byte goes from a
+//!   client socket to the broker socket.
+//! - [`event_loop`]: the poll loop both daemons run (signals, waker, timers);
+//!   a daemon plugs in a [`event_loop::Handler`].
+//! - [`limits`]: what a guest may hold (bytes, descriptors), the descriptor
+//!   ledger of the process, stream timeouts, log rate limits.
+//! - [`slab`]: stable keys for connections, so a key is a token.
 
+pub mod channel;
 pub mod conn;
+pub mod event_loop;
 pub mod limits;
 pub mod link;
-pub mod mux;
 pub mod slab;
 pub mod sock;
 

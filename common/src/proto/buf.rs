@@ -9,26 +9,39 @@
 use super::frame::{self, FrameType, StreamId, FRAME_OVERHEAD, HEADER_LEN, TRAILER_LEN};
 
 /// Received bytes not yet parsed.
+///
+/// It starts small and doubles, up to its capacity, whenever a read fills
+/// all the room it was given (the peer has more to send); after a burst it
+/// shrinks back to what recent reads needed. Idle channels so hold a few KiB,
+/// busy ones read in large pieces.
 #[derive(Debug, Default)]
 pub struct RxBuf {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// Size of `buf` once allocated.
+    /// Most the buffer grows to.
     cap: usize,
+    /// The last read filled the room it had: grow before the next.
+    grow: bool,
+    /// Most bytes held since the last trim, and emptyings since then.
+    peak: usize,
+    emptied: u32,
 }
 
 /// Compact before a read when less than this is free at the tail.
 const MIN_READ: usize = 16 * 1024;
+/// What the receive buffer starts with and shrinks back to.
+const RX_FIRST: usize = 4 * 1024;
+/// Emptyings between two looks at whether a buffer is oversized.
+const TRIM_EVERY: u32 = 16;
 
 impl RxBuf {
-    /// A buffer of `cap` bytes, allocated at the first read.
+    /// A buffer that grows to `cap` bytes; nothing is allocated before the
+    /// first read.
     pub fn with_capacity(cap: usize) -> RxBuf {
         RxBuf {
-            buf: Vec::new(),
-            start: 0,
-            end: 0,
             cap,
+            ..RxBuf::default()
         }
     }
 
@@ -38,6 +51,9 @@ impl RxBuf {
         if self.is_empty() {
             self.clear();
             self.buf = Vec::new();
+            self.grow = false;
+            self.peak = 0;
+            self.emptied = 0;
         }
     }
 
@@ -58,34 +74,57 @@ impl RxBuf {
         self.start == self.end
     }
 
-    /// No room to read into, even after compaction.
+    /// No room to read into, even after compaction and growth.
     pub fn is_full(&self) -> bool {
-        self.end - self.start == self.cap
+        self.end - self.start >= self.cap
     }
 
     /// Free space to read into; empty only when the buffer is full.
     pub fn space(&mut self) -> &mut [u8] {
-        if self.buf.is_empty() {
-            self.buf = vec![0; self.cap];
-        }
-        let tail = self.buf.len() - self.end;
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-        } else if tail < MIN_READ && self.start > 0 && (self.start >= self.buf.len() / 2 || tail == 0) {
+            self.emptied += 1;
+            if self.emptied >= TRIM_EVERY {
+                self.trim();
+            }
+        }
+        let tail = self.buf.len() - self.end;
+        if tail < MIN_READ && self.start > 0 && (self.start >= self.buf.len() / 2 || tail == 0) {
             // Compact only once at least half the buffer was consumed, so
             // each byte is moved at most about once however input is cut.
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
+        let tail = self.buf.len() - self.end;
+        if (self.grow || tail == 0) && self.buf.len() < self.cap {
+            let want = (self.buf.len() * 2).max(RX_FIRST).min(self.cap);
+            self.buf.reserve_exact(want - self.buf.len());
+            self.buf.resize(want, 0);
+        }
+        self.grow = false;
         &mut self.buf[self.end..]
     }
 
     /// `n` bytes were written at the start of [`RxBuf::space`].
     pub fn commit(&mut self, n: usize) {
         assert!(self.end + n <= self.buf.len(), "committed past the buffer");
+        self.grow = n > 0 && self.end + n == self.buf.len();
         self.end += n;
+        self.peak = self.peak.max(self.end);
+    }
+
+    /// After a burst: if the last [`TRIM_EVERY`] emptyings never needed half
+    /// of the buffer, shrink it to what they needed.
+    fn trim(&mut self) {
+        let keep = self.peak.max(RX_FIRST);
+        if self.buf.len() > 2 * keep {
+            self.buf.truncate(keep);
+            self.buf.shrink_to_fit();
+        }
+        self.peak = 0;
+        self.emptied = 0;
     }
 
     pub fn consume(&mut self, n: usize) {
@@ -126,10 +165,8 @@ pub struct TxBuf {
     emptied: u32,
 }
 
-/// What the transmit buffer keeps when it trims itself after a burst.
-const TX_KEEP: usize = 64 * 1024;
-/// Emptyings between two looks at whether the buffer is oversized.
-const TX_TRIM_EVERY: u32 = 16;
+/// What the transmit buffer starts with and shrinks back to.
+const TX_FIRST: usize = 4 * 1024;
 
 impl TxBuf {
     /// An empty buffer whose doubling stops at `soft_limit` bytes.
@@ -173,16 +210,15 @@ impl TxBuf {
             self.start = 0;
             self.end = 0;
             self.emptied += 1;
-            if self.emptied >= TX_TRIM_EVERY {
+            if self.emptied >= TRIM_EVERY {
                 self.trim();
             }
         }
     }
 
-    /// After a burst: if the last [`TX_TRIM_EVERY`] emptyings never needed
-    /// half of the buffer, shrink it to what they needed.
+    /// As [`RxBuf`]'s trim.
     fn trim(&mut self) {
-        let keep = self.peak.max(TX_KEEP);
+        let keep = self.peak.max(TX_FIRST);
         if self.buf.len() > 2 * keep {
             self.buf.truncate(keep);
             self.buf.shrink_to_fit();
@@ -208,8 +244,8 @@ impl TxBuf {
             self.start = 0;
         }
         if self.buf.len() - self.end < n {
-            let doubled = (self.buf.len() * 2).max(TX_KEEP);
-            let want = (self.end + n).max(doubled.min(self.soft_limit.max(TX_KEEP)));
+            let doubled = (self.buf.len() * 2).max(TX_FIRST);
+            let want = (self.end + n).max(doubled.min(self.soft_limit.max(TX_FIRST)));
             self.buf.reserve_exact(want - self.buf.len());
             self.buf.resize(want, 0);
         }
@@ -255,15 +291,50 @@ impl TxBuf {
 mod tests {
     use super::*;
 
+    /// Fills the whole space offered, as a read from a busy peer would.
+    fn fill_all(rx: &mut RxBuf) -> usize {
+        let space = rx.space();
+        let n = space.len();
+        space.fill(7);
+        rx.commit(n);
+        n
+    }
+
     #[test]
     fn rx_compacts_a_partial_frame() {
         let mut rx = RxBuf::with_capacity(MIN_READ * 2);
-        let n = rx.space().len();
-        rx.space()[..n].fill(7);
-        rx.commit(n);
+        while rx.allocated() < MIN_READ * 2 {
+            fill_all(&mut rx);
+        }
+        let n = rx.len();
         rx.consume(n - 3);
         assert_eq!(rx.space().len(), MIN_READ * 2 - 3);
         assert_eq!(rx.filled(), &[7, 7, 7]);
+    }
+
+    #[test]
+    fn rx_grows_while_reads_fill_it_and_shrinks_after() {
+        let cap = 512 * 1024;
+        let mut rx = RxBuf::with_capacity(cap);
+        assert_eq!(rx.space().len(), RX_FIRST, "starts small");
+        // A busy peer: every read fills the room; the buffer doubles.
+        let mut sizes = vec![];
+        for _ in 0..10 {
+            sizes.push(fill_all(&mut rx));
+            let n = rx.len();
+            rx.consume(n);
+        }
+        assert_eq!(&sizes[..4], &[RX_FIRST, 2 * RX_FIRST, 4 * RX_FIRST, 8 * RX_FIRST]);
+        assert_eq!(*sizes.last().unwrap(), cap);
+        // Small reads for a while: back to a few KiB.
+        for _ in 0..2 * TRIM_EVERY {
+            rx.space()[..30].fill(1);
+            rx.commit(30);
+            rx.consume(30);
+        }
+        rx.space();
+        assert_eq!(rx.allocated(), RX_FIRST);
+        assert!(!rx.is_full());
     }
 
     #[test]
@@ -292,17 +363,17 @@ mod tests {
     fn buffers_are_allocated_on_demand_and_given_back() {
         let mut rx = RxBuf::with_capacity(MIN_READ * 4);
         assert_eq!(rx.allocated(), 0);
-        assert_eq!(rx.space().len(), MIN_READ * 4);
+        assert_eq!(rx.space().len(), RX_FIRST);
         rx.commit(10);
         rx.release();
-        assert_eq!(rx.allocated(), MIN_READ * 4, "bytes are still buffered");
+        assert_eq!(rx.allocated(), RX_FIRST, "bytes are still buffered");
         rx.consume(10);
         rx.release();
         assert_eq!(rx.allocated(), 0);
 
         let mut tx = TxBuf::with_soft_limit(1 << 20);
         tx.append(100);
-        assert_eq!(tx.allocated(), TX_KEEP);
+        assert_eq!(tx.allocated(), TX_FIRST);
         tx.advance(100);
         tx.release();
         assert_eq!(tx.allocated(), 0);
@@ -315,18 +386,18 @@ mod tests {
         for _ in 0..5 {
             tx.append(100 * 1024);
         }
-        // 500 KiB needed: doubled to 256 KiB, then grown only as needed.
+        // 500 KiB needed: doubled up to the limit, then grown only as needed.
         assert_eq!(tx.allocated(), 500 * 1024);
         tx.advance(tx.len());
         // Small traffic for a while (two trim windows: the first still saw
-        // the burst): the buffer goes back to 64 KiB.
-        for _ in 0..2 * TX_TRIM_EVERY {
+        // the burst): the buffer goes back to a few KiB.
+        for _ in 0..2 * TRIM_EVERY {
             tx.append(100);
             tx.advance(100);
         }
-        assert_eq!(tx.allocated(), TX_KEEP);
+        assert_eq!(tx.allocated(), TX_FIRST);
         // Steady bulk keeps its buffer.
-        for _ in 0..3 * TX_TRIM_EVERY {
+        for _ in 0..3 * TRIM_EVERY {
             tx.append(200 * 1024);
             tx.advance(200 * 1024);
         }

@@ -46,6 +46,22 @@ impl EndReason {
     }
 }
 
+impl EndReason {
+    /// A short fixed name for counters and metrics labels, e.g. `link_lost`
+    /// or `violation:ENHANCE_YOUR_CALM`.
+    pub fn kind(&self) -> String {
+        match self {
+            EndReason::LinkLost => "link_lost".into(),
+            EndReason::IdleTimeout(_) => "idle_timeout".into(),
+            EndReason::PeerRestarted => "peer_restarted".into(),
+            EndReason::Violation { code, .. } => format!("violation:{code}"),
+            EndReason::PeerGoAway { code, .. } => format!("peer_goaway:{code}"),
+            EndReason::Drained => "drained".into(),
+            EndReason::Shutdown => "shutdown".into(),
+        }
+    }
+}
+
 impl fmt::Display for EndReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -1,16 +1,18 @@
 //! Input processing of the [`Session`]: scanning for a HELLO while
-//! handshaking (PROTOCOL.md §3) and handling frames once established (§4–§7).
+//! handshaking (PROTOCOL.md §3), decoding frames once established (§4), and
+//! ending a session for the peer's fault. What each frame does is in
+//! `frames.rs`.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::{
-    push_frame, EndReason, Established, Event, Session, SessionInfo, State, Stats, Step, Stream,
+    push_frame, EndReason, Established, Event, Session, SessionInfo, State, Stats, Step,
     MAX_DISCARD_PER_HANDSHAKE,
 };
 use crate::proto::code::Code;
 use crate::proto::crc32c::crc32c;
-use crate::proto::frame::{self, Decoded, Frame, StreamId, HEADER_LEN};
+use crate::proto::frame::{self, Decoded, Frame, HEADER_LEN};
 use crate::proto::hello::{self, Hello, HelloParse, Role};
 use crate::proto::rate::Bucket;
 
@@ -247,7 +249,7 @@ impl Session {
 
     /// The bytes where a frame should be are not one: end the session and
     /// look for a HELLO.
-    fn desync(&mut self, detail: String, now: Instant) -> Step {
+    pub(super) fn desync(&mut self, detail: String, now: Instant) -> Step {
         Step::Event(self.fail(Code::ProtocolError, detail, now))
     }
 
@@ -266,217 +268,6 @@ impl Session {
             );
         }
         self.end(EndReason::Violation { code, detail }, now)
-    }
-
-    fn on_frame(&mut self, frame: Frame<'_>, from: usize, now: Instant) -> Step {
-        let role = self.cfg.role;
-        let State::Established(e) = &mut self.state else {
-            unreachable!()
-        };
-        e.last_rx = now;
-        let stream = frame.stream();
-        let tag = e.info.tag;
-        match frame {
-            Frame::Ping { opaque } => {
-                e.pending_pong = Some(opaque);
-                return Step::Continue;
-            }
-            Frame::Pong { opaque } => {
-                if e.ping == Some(opaque) {
-                    e.ping = None;
-                }
-                return Step::Continue;
-            }
-            Frame::GoAway { code, drain_ms, text } => {
-                if drain_ms == 0 || e.streams.is_empty() {
-                    let reason = EndReason::PeerGoAway {
-                        code,
-                        text: text.into(),
-                    };
-                    return Step::Event(self.end(reason, now));
-                }
-                let drain = Duration::from_millis(u64::from(drain_ms));
-                let until = now + drain;
-                e.drain_until = Some(e.drain_until.map_or(until, |d| d.min(until)));
-                return Step::Event(Event::GoingAway {
-                    code,
-                    drain,
-                    text: text.into(),
-                });
-            }
-            Frame::Open { service, .. } => {
-                if role != Role::Host {
-                    return self.desync("the host opened a stream".into(), now);
-                }
-                if stream.0 != e.highest.wrapping_add(1) {
-                    let detail = format!("OPEN of stream {stream} after stream {}", e.highest);
-                    return self.desync(detail, now);
-                }
-                e.highest = stream.0;
-                let mut violation = false;
-                let refusal = if frame::check_service_name(service.as_bytes()).is_err() {
-                    // A guest names services, never addresses or paths.
-                    violation = true;
-                    Some((
-                        Code::UnknownService,
-                        "not a service name (A-Z a-z 0-9 . _ -, 1 to 64)".to_owned(),
-                    ))
-                } else if e.drain_until.is_some() {
-                    Some((Code::GoingAway, "session is going away".to_owned()))
-                } else if !self.limits.opens.take(now) {
-                    violation = true;
-                    self.stats.opens_refused_for_rate += 1;
-                    let rate = self.cfg.policy.open_rate;
-                    Some((Code::ResourceLimit, format!("more than {rate} opens per second")))
-                } else if e.streams.len() as u64 >= u64::from(self.cfg.limits.max_streams) {
-                    Some((
-                        Code::ResourceLimit,
-                        format!("stream limit of {} reached", self.cfg.limits.max_streams),
-                    ))
-                } else {
-                    None
-                };
-                if let Some((code, text)) = refusal {
-                    if violation && !self.limits.violations.take(now) {
-                        return self.too_many_violations(now);
-                    }
-                    push_frame(
-                        &mut self.tx,
-                        tag,
-                        &Frame::Refuse {
-                            stream,
-                            code,
-                            text: &text,
-                        },
-                    );
-                    return Step::Event(Event::Refused {
-                        stream,
-                        code,
-                        text: text.into(),
-                        by_peer: false,
-                    });
-                }
-                let window = self.cfg.limits.initial_window;
-                e.streams
-                    .insert(stream, Stream::new(e.info.peer_limits.initial_window, window));
-                return Step::Event(Event::Opened {
-                    stream,
-                    service: service.to_owned(),
-                });
-            }
-            _ => {}
-        }
-        // Every other frame is about an existing stream.
-        let Some(s) = e.streams.get_mut(&stream) else {
-            if stream.0 <= e.highest {
-                self.stats.stale_frames += 1;
-                return Step::Continue; // in flight when the stream ended
-            }
-            return self.desync(
-                format!("{:?} for stream {stream}, never opened", frame.frame_type()),
-                now,
-            );
-        };
-        let guest_unaccepted = role == Role::Guest && !s.accepted;
-        match frame {
-            Frame::Data { payload, .. } => {
-                if s.remote_fin || guest_unaccepted {
-                    return self.stream_violation(
-                        stream,
-                        Code::ProtocolError,
-                        "DATA after FIN or before ACCEPT",
-                        now,
-                    );
-                }
-                if let Err(o) = s.recv.on_data(payload.len() as u32) {
-                    let text = format!("DATA of {} bytes with {} credit", o.len, o.avail);
-                    return self.stream_violation(stream, Code::FlowControlError, &text, now);
-                }
-                Step::Data {
-                    stream,
-                    from,
-                    len: payload.len(),
-                }
-            }
-            Frame::Accept { .. } => {
-                if role != Role::Guest || s.accepted {
-                    return self.stream_violation(stream, Code::ProtocolError, "unexpected ACCEPT", now);
-                }
-                s.accepted = true;
-                Step::Event(Event::Accepted { stream })
-            }
-            Frame::Refuse { code, text, .. } => {
-                if role != Role::Guest || s.accepted {
-                    return self.stream_violation(stream, Code::ProtocolError, "unexpected REFUSE", now);
-                }
-                e.remove_stream(stream);
-                Step::Event(Event::Refused {
-                    stream,
-                    code,
-                    text: text.into(),
-                    by_peer: true,
-                })
-            }
-            Frame::Credit { increment, .. } => {
-                if s.local_fin {
-                    return Step::Continue;
-                }
-                match s.send.grant(increment) {
-                    Ok(true) => Step::Event(Event::Credit { stream }),
-                    Ok(false) => Step::Continue,
-                    Err(_) => self.stream_violation(stream, Code::FlowControlError, "credit overflow", now),
-                }
-            }
-            Frame::Fin { .. } => {
-                if s.remote_fin || guest_unaccepted {
-                    return self.stream_violation(
-                        stream,
-                        Code::ProtocolError,
-                        "FIN twice or before ACCEPT",
-                        now,
-                    );
-                }
-                s.remote_fin = true;
-                if s.local_fin {
-                    e.remove_stream(stream);
-                }
-                Step::Event(Event::Finished { stream })
-            }
-            Frame::Reset { code, text, .. } => {
-                e.remove_stream(stream);
-                Step::Event(Event::Reset {
-                    stream,
-                    code,
-                    text: text.into(),
-                    by_peer: true,
-                })
-            }
-            Frame::Open { .. } | Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway { .. } => {
-                unreachable!("handled above")
-            }
-        }
-    }
-
-    /// The peer broke a rule of one stream: reset just that stream.
-    fn stream_violation(&mut self, stream: StreamId, code: Code, text: &str, now: Instant) -> Step {
-        self.stats.stream_violations += 1;
-        if !self.limits.violations.take(now) {
-            return self.too_many_violations(now);
-        }
-        self.reset(stream, code, text);
-        Step::Event(Event::Reset {
-            stream,
-            code,
-            text: text.into(),
-            by_peer: false,
-        })
-    }
-
-    /// The peer keeps breaking stream rules or limits: end the session.
-    fn too_many_violations(&mut self, now: Instant) -> Step {
-        let n = self.cfg.policy.violations_per_10s;
-        let detail = format!("more than {n} stream violations or refused opens in 10 s");
-        Step::Event(self.fail(Code::EnhanceYourCalm, detail, now))
     }
 }
 

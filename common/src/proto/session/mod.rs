@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 mod config;
 mod event;
+mod frames;
 mod input;
 #[cfg(test)]
 mod tests;

@@ -945,7 +945,7 @@ fn frame_rate_throttles_input_instead_of_burning_cpu() {
         .collect();
     let bytes = raw(&p, &tiny);
     let t0 = p.now;
-    feed_host(&mut p, &bytes);
+    let mut fed = feed_host(&mut p, &bytes);
     let got = p.h.data(id).len();
     assert!((900..=1100).contains(&got), "{got} frames before the throttle");
     assert!(p.h.s.recv_space().is_empty(), "no reading while throttled");
@@ -956,6 +956,7 @@ fn frame_rate_throttles_input_instead_of_burning_cpu() {
         p.now += Duration::from_millis(100);
         p.h.s.handle_timeout(p.now);
         p.h.poll(p.now);
+        fed += feed_host(&mut p, &bytes[fed..]);
     }
     assert_eq!(p.h.data(id).len(), 5000);
     assert!(p.h.s.stats().throttled > 0);
@@ -1031,13 +1032,22 @@ fn refuse_hello(echo: Nonce) -> Vec<u8> {
     b
 }
 
+/// Feeds all of `bytes` (as long as the session reads) and collects events.
 fn feed(s: &mut Session, bytes: &[u8], now: Instant) -> Vec<Ev> {
-    let space = s.recv_space();
-    space[..bytes.len()].copy_from_slice(bytes);
-    s.recv_commit(bytes.len());
     let mut evs = vec![];
-    while let Some(ev) = s.poll_event(now) {
-        evs.push(own(ev));
+    let mut fed = 0;
+    while fed < bytes.len() {
+        let space = s.recv_space();
+        if space.is_empty() {
+            break;
+        }
+        let n = space.len().min(bytes.len() - fed);
+        space[..n].copy_from_slice(&bytes[fed..fed + n]);
+        s.recv_commit(n);
+        fed += n;
+        while let Some(ev) = s.poll_event(now) {
+            evs.push(own(ev));
+        }
     }
     evs
 }

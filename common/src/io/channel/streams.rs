@@ -1,33 +1,40 @@
-//! The socket side of a [`Mux`]: writing what the channel delivered, reading
-//! what the channel should carry, the buffer budget, timeouts, and the one
-//! closing line per stream.
+//! The socket side of a [`Channel`]: writing what the channel delivered,
+//! reading what the channel should carry, the buffer budget, interest,
+//! timeouts, and the one closing line per stream.
 
 use std::time::{Duration, Instant};
 
-use mio::Registry;
+use mio::{Registry, Token};
 
-use super::Mux;
+use super::Channel;
 use crate::io::conn::{Phase, Written};
 use crate::io::sock::{drained, interrupted, would_block};
 use crate::proto::{Code, Role, StreamId};
 
-/// Reads from sockets per turn before the loop looks at other work.
-const READ_BUDGET: usize = 512;
+/// Socket reads per turn before the loop looks at other work.
+const READS_PER_TURN: usize = 512;
 /// How often stream timeouts are checked.
 pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-impl Mux {
+impl Channel {
     /// Writes a connection's pending bytes (and half-close) and settles the result.
-    pub(super) fn flush_conn(&mut self, key: usize, registry: &Registry) {
+    pub(super) fn flush_conn(&mut self, key: usize, registry: &Registry, now: Instant) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         let stream = conn.stream;
         let w = conn.flush();
-        self.after_write(key, stream, w, registry);
+        self.after_write(key, stream, w, registry, now);
     }
 
-    pub(super) fn after_write(&mut self, key: usize, stream: StreamId, w: Written, registry: &Registry) {
+    pub(super) fn after_write(
+        &mut self,
+        key: usize,
+        stream: StreamId,
+        w: Written,
+        registry: &Registry,
+        now: Instant,
+    ) {
         if w.n > 0 {
             let backlog = self.conns.get(key).map_or(0, |c| c.pending_len());
             self.session.consumed_with_backlog(stream, w.n, backlog);
@@ -36,32 +43,55 @@ impl Mux {
             let peer = self.conns.get(key).map_or("", |c| c.peer.as_str());
             let why = socket_failure("write", &e, peer);
             self.session.reset(stream, Code::Aborted, &why);
-            self.drop_conn(key, registry, &why, false);
+            self.drop_conn(key, registry, &why, false, now);
             return;
         }
-        if !self.settle(key, registry) {
+        if !self.settle(key, registry, now) {
             return;
         }
         let conn = self.conns.get_mut(key).expect("live key");
         if conn.is_done() {
-            self.drop_conn(key, registry, "finished", true);
+            self.drop_conn(key, registry, "finished", true, now);
+        } else {
+            self.sync_interest(key, registry, now);
+        }
+    }
+
+    /// Registers for what the connection now waits for. A socket that cannot
+    /// be watched is a failed socket: its stream is reset.
+    pub(super) fn sync_interest(&mut self, key: usize, registry: &Registry, now: Instant) {
+        let token = Token(self.token_base + 1 + key);
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if let Err(e) = conn.sync_interest(registry, token) {
+            let stream = conn.stream;
+            let why = format!("cannot watch the socket: {e}");
+            self.session.reset(stream, Code::InternalError, &why);
+            self.drop_conn(key, registry, &why, false, now);
         }
     }
 
     /// Brings the connection's share of the buffer budget in line with what
     /// it holds. A stream that would pass the guest's budget is reset; returns
     /// whether the connection is still there.
-    pub(super) fn settle(&mut self, key: usize, registry: &Registry) -> bool {
+    pub(super) fn settle(&mut self, key: usize, registry: &Registry, now: Instant) -> bool {
         let budget = &self.cfg.budget;
         let conn = self.conns.get_mut(key).expect("live key");
-        let held = conn.pending_len();
+        let held = conn.held();
         if held < conn.reserved {
             budget.release_buffer(conn.reserved - held);
         } else if held > conn.reserved && !budget.try_buffer(held - conn.reserved) {
             let stream = conn.stream;
             let text = format!("guest buffer limit of {} bytes reached", budget.max_buffered());
             self.session.reset(stream, Code::ResourceLimit, &text);
-            self.drop_conn(key, registry, &format!("reset: RESOURCE_LIMIT: {text}"), false);
+            self.drop_conn(
+                key,
+                registry,
+                &format!("reset: RESOURCE_LIMIT: {text}"),
+                false,
+                now,
+            );
             return false;
         }
         conn.reserved = held;
@@ -79,12 +109,12 @@ impl Mux {
 
     /// Reads readable sockets into DATA frames, one read per stream per pass.
     pub(super) fn serve_ready(&mut self, now: Instant, registry: &Registry) {
-        let mut budget = READ_BUDGET;
-        while budget > 0 && self.session.can_send_data() {
+        let mut reads = READS_PER_TURN;
+        while reads > 0 && self.session.can_send_data() {
             let Some(key) = self.ready.pop_front() else {
                 break;
             };
-            budget -= 1;
+            reads -= 1;
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
@@ -101,13 +131,14 @@ impl Mux {
             let r = conn.sock.read(space);
             let n = *r.as_ref().unwrap_or(&0);
             self.session.send_commit(stream, n);
+            self.counters.bytes_to_peer += n as u64;
             match r {
                 Ok(0) => {
                     conn.read_eof = true;
                     conn.note_half_close(now);
                     self.session.finish(stream);
                     if conn.is_done() {
-                        self.drop_conn(key, registry, "finished", true);
+                        self.drop_conn(key, registry, "finished", true, now);
                     }
                 }
                 Ok(n) => {
@@ -124,7 +155,7 @@ impl Mux {
                 Err(e) => {
                     let why = socket_failure("read", &e, &conn.peer);
                     self.session.reset(stream, Code::Aborted, &why);
-                    self.drop_conn(key, registry, &why, false);
+                    self.drop_conn(key, registry, &why, false, now);
                 }
             }
         }
@@ -140,8 +171,8 @@ impl Mux {
             if conn.stream == stream && conn.phase == Phase::Connecting {
                 let ms = self.cfg.connect_timeout.as_millis();
                 let text = format!("connect to {}: timed out after {ms} ms", conn.peer);
-                self.session.refuse(stream, Code::Unreachable, &text);
-                self.drop_conn(key, registry, &format!("refused: {text}"), false);
+                self.refuse(stream, Code::Unreachable, &text);
+                self.drop_conn(key, registry, &format!("refused: {text}"), false, now);
             }
         }
     }
@@ -177,19 +208,26 @@ impl Mux {
         for (key, why) in expired {
             let stream = self.conns.get(key).expect("listed").stream;
             self.session.reset(stream, Code::Timeout, &why);
-            self.drop_conn(key, registry, &format!("reset: TIMEOUT: {why}"), false);
+            self.drop_conn(key, registry, &format!("reset: TIMEOUT: {why}"), false, now);
         }
     }
 
     /// Removes a connection, frees what it held, and logs its closing line.
-    pub(super) fn drop_conn(&mut self, key: usize, registry: &Registry, why: &str, clean: bool) {
+    pub(super) fn drop_conn(
+        &mut self,
+        key: usize,
+        registry: &Registry,
+        why: &str,
+        clean: bool,
+        now: Instant,
+    ) {
         let Some(conn) = self.conns.remove(key) else {
             return;
         };
         self.by_stream.remove(&conn.stream);
         self.cfg.budget.release_buffer(conn.reserved);
-        self.cfg.budget.release_fd();
-        let secs = conn.opened.elapsed().as_secs_f64();
+        self.cfg.budget.release_stream();
+        let secs = now.saturating_duration_since(conn.opened).as_secs_f64();
         let (bin, bout) = (conn.bytes_in, conn.bytes_out);
         let (stream, service, peer) = (conn.stream, conn.service.clone(), conn.peer.clone());
         conn.close(registry, clean);
@@ -197,9 +235,10 @@ impl Mux {
             Role::Guest => format!("{bin} B from client, {bout} B to client"),
             Role::Host => format!("{bout} B to {peer}, {bin} B from it"),
         };
-        self.stream_log(&format!(
-            "stream {stream} ({service}) closed: {why}; {flow}; {secs:.3} s"
-        ));
+        self.stream_log(
+            now,
+            &format!("stream {stream} ({service}) closed: {why}; {flow}; {secs:.3} s"),
+        );
     }
 }
 

@@ -1,7 +1,20 @@
-//! One channel's multiplexer: a [`Session`], its [`Link`], and the local
-//! sockets of the streams it carries. Both bridges use it; what differs is who
-//! creates streams: the guest's listeners call [`Mux::add_conn`], the host's
-//! [`Opener`] connects to the service a stream names.
+//! One channel: its [`Link`], the [`Session`] over it, and the local sockets
+//! of the streams it carries. A [`Channel`] is the only owner of its session:
+//! the link's ups and downs, the frames, the streams and the timers all go
+//! through it. Both bridges use it; what differs is who creates streams: the
+//! guest's listeners hand accepted clients to [`Channel::open_stream`], and
+//! on the host an [`Opener`] connects to the service each stream names.
+//!
+//! Where a byte goes, guest client to broker:
+//!
+//! ```text
+//! guest: client socket --(streams::serve_ready: read straight into a DATA slot)--> Session tx
+//!        Session tx --(Link::write)--> virtio-serial port
+//! host:  QEMU socket --(Link::read)--> Session rx --(dispatch: Event::Data)--> Conn::deliver
+//!        Conn::deliver --(write, or Conn's pending ring until writable)--> broker socket
+//! ```
+//! and the same way back. Credit is returned as [`Conn`] writes bytes on
+//! (`after_write`), never when they arrive.
 //!
 //! Back-pressure, sozu-style, but per stream:
 //! - channel → socket: DATA is written straight to the socket; the rest waits
@@ -14,27 +27,31 @@
 //!   streams wait in a FIFO and get one read (one frame) per turn each, so a
 //!   busy stream cannot starve the others.
 //!
-//! Limits (host side, [`MuxConfig`]): bytes buffered per guest and
-//! descriptors for all guests ([`Budget`]), idle and half-closed stream
-//! timeouts, and at most [`STREAM_LOG_PER_SEC`] stream log lines a second.
+//! Limits (host side, [`ChannelConfig`]): bytes buffered per guest and
+//! descriptors ([`Budget`]), idle and half-closed stream timeouts, and at most
+//! [`STREAM_LOG_PER_SEC`] stream log lines a second.
 //!
-//! `streams.rs` holds the socket side (flush, read, timeouts, close).
+//! `streams.rs` holds the socket side (flush, read, timeouts, close);
+//! `log.rs` the rate-limited log lines.
 
+mod log;
 mod streams;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
 use mio::{Registry, Token};
 
 use super::conn::{Conn, Phase};
 use super::limits::{Budget, LogLimiter, StreamTimeouts};
-use super::link::{Link, LinkNews};
+use super::link::Link;
 use super::slab::Slab;
 use super::sock::Sock;
-use crate::proto::{Code, Event, Session, StreamId};
+use crate::proto::session::Stats;
+use crate::proto::{Code, Event, OpenError, Session, SessionInfo, StreamId};
 
 /// Rounds of read-channel / dispatch / write-channel per turn.
 const ROUNDS: usize = 8;
@@ -44,8 +61,13 @@ const GATHER_BELOW: usize = 4096;
 pub const STREAM_LOG_PER_SEC: u32 = 1000;
 /// Session and channel lines logged per second per channel.
 pub const SESSION_LOG_PER_SEC: u32 = 20;
-/// Default of [`MuxConfig::write_stall`].
+/// Default of [`ChannelConfig::write_stall`].
 pub const DEFAULT_WRITE_STALL: Duration = Duration::from_secs(30);
+/// Bits of a token that number a channel's connections: a channel's tokens
+/// are `base` (the link) and `base + 1 + k` for connection `k`.
+pub const CONN_TOKEN_BITS: u32 = 20;
+/// Most connections one channel can have.
+pub const MAX_CONNS: usize = (1 << CONN_TOKEN_BITS) - 1;
 
 /// How the host side turns a stream the guest opened into a socket.
 pub trait Opener {
@@ -65,9 +87,9 @@ impl Opener for NoOpener {
     }
 }
 
-/// How a [`Mux`] is set up.
+/// How a [`Channel`] is set up.
 #[derive(Debug)]
-pub struct MuxConfig {
+pub struct ChannelConfig {
     /// Prefix of every log line: empty, or e.g. `guest vm1 org.qpid.vios.0: `.
     pub label: String,
     /// (host) Give up a service connect after this long.
@@ -79,10 +101,10 @@ pub struct MuxConfig {
     pub write_stall: Option<Duration>,
 }
 
-impl MuxConfig {
+impl ChannelConfig {
     /// No limits: the guest side, whose peer is the trusted host.
-    pub fn unlimited(label: String) -> MuxConfig {
-        MuxConfig {
+    pub fn unlimited(label: String) -> ChannelConfig {
+        ChannelConfig {
             label,
             connect_timeout: Duration::from_secs(5),
             budget: Arc::new(Budget::unlimited()),
@@ -92,11 +114,29 @@ impl MuxConfig {
     }
 }
 
+/// Why a local client could not become a stream (guest side).
 #[derive(Debug)]
-pub struct Mux {
-    pub session: Session,
-    pub link: Link,
-    cfg: MuxConfig,
+pub enum OpenStreamError {
+    /// The session cannot open a stream now.
+    Session(OpenError),
+    /// The socket could not be registered or made to abort on close.
+    Socket(std::io::Error),
+}
+
+impl std::fmt::Display for OpenStreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenStreamError::Session(e) => write!(f, "cannot open a stream: {e}"),
+            OpenStreamError::Socket(e) => write!(f, "cannot use the client socket: {e}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Channel {
+    session: Session,
+    link: Link,
+    cfg: ChannelConfig,
     conns: Slab<Conn>,
     by_stream: HashMap<StreamId, usize>,
     ready: VecDeque<usize>,
@@ -113,12 +153,25 @@ pub struct Mux {
     /// Since when bytes wait to be written and none could be, and the
     /// session's output counter then.
     stalled: Option<(Instant, u64)>,
+    /// Streams carried over the channel's life, and opens refused by code.
+    pub counters: Counters,
 }
 
-impl Mux {
-    pub fn new(session: Session, link: Link, cfg: MuxConfig) -> Mux {
+/// What a channel counts over its life (for status and metrics).
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    pub streams_total: u64,
+    pub bytes_to_peer: u64,
+    pub bytes_from_peer: u64,
+    pub refused: HashMap<Code, u64>,
+    pub sessions_ended: HashMap<String, u64>,
+}
+
+impl Channel {
+    /// A channel over `link`; its tokens start at the link's.
+    pub fn new(session: Session, link: Link, cfg: ChannelConfig) -> Channel {
         let token_base = link.token().0;
-        Mux {
+        Channel {
             session,
             link,
             cfg,
@@ -132,46 +185,119 @@ impl Mux {
             log: LogLimiter::new(STREAM_LOG_PER_SEC),
             session_log: LogLimiter::new(SESSION_LOG_PER_SEC),
             stalled: None,
+            counters: Counters::default(),
         }
     }
+
+    // ---- getters ----
 
     pub fn label(&self) -> &str {
         &self.cfg.label
     }
 
-    pub fn budget(&self) -> &Arc<Budget> {
-        &self.cfg.budget
+    pub fn link(&self) -> &Link {
+        &self.link
     }
 
-    pub fn conn_count(&self) -> usize {
+    pub fn is_established(&self) -> bool {
+        self.session.is_established()
+    }
+
+    pub fn info(&self) -> Option<&SessionInfo> {
+        self.session.info()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        self.session.stats()
+    }
+
+    pub fn stream_count(&self) -> usize {
         self.conns.len()
     }
 
-    /// Adds a stream's socket: a guest client (`Phase::Open`) or a host
-    /// connect in progress (`Phase::Connecting`). Fails when the descriptor
-    /// budget is spent or the socket cannot be registered.
-    pub fn add_conn(&mut self, registry: &Registry, mut conn: Conn, now: Instant) -> std::io::Result<()> {
-        if !self.cfg.budget.try_fd() {
-            let max = self.cfg.budget.max_fds();
+    /// Bytes this channel's streams hold against the guest's budget.
+    pub fn buffered(&self) -> usize {
+        self.conns
+            .keys()
+            .filter_map(|k| self.conns.get(k))
+            .map(|c| c.reserved)
+            .sum()
+    }
+
+    /// Whether a new stream may be opened now (guest side).
+    pub fn can_open(&self) -> bool {
+        self.session.can_open()
+    }
+
+    /// Whether `token` is one of this channel's.
+    pub fn owns(&self, token: Token) -> bool {
+        token.0 >= self.token_base && token.0 - self.token_base <= MAX_CONNS
+    }
+
+    // ---- streams ----
+
+    /// (guest) Opens a stream to `service` for an accepted client socket.
+    pub fn open_stream(
+        &mut self,
+        sock: Sock,
+        peer: String,
+        service: String,
+        now: Instant,
+        registry: &Registry,
+    ) -> Result<StreamId, (OpenStreamError, Sock)> {
+        if let Err(e) = sock.abort_on_close() {
+            return Err((OpenStreamError::Socket(e), sock));
+        }
+        if let Err(r) = self.cfg.budget.try_stream() {
+            let e = std::io::Error::other(r.to_string());
+            return Err((OpenStreamError::Socket(e), sock));
+        }
+        let stream = match self.session.open(&service) {
+            Ok(s) => s,
+            Err(e) => {
+                self.cfg.budget.release_stream();
+                return Err((OpenStreamError::Session(e), sock));
+            }
+        };
+        let conn =
+            Conn::new(stream, service, peer, sock, Phase::Open, now).expect("abort_on_close succeeded above");
+        let line = format!(
+            "stream {stream} ({}) opened for client {}",
+            conn.service, conn.peer
+        );
+        if let Err(e) = self.add_conn(registry, conn, now) {
+            self.cfg.budget.release_stream();
+            self.session
+                .reset(stream, Code::ResourceLimit, "guest could not register the socket");
+            self.stream_log(
+                now,
+                &format!("stream {stream} reset: cannot register the client socket: {e}"),
+            );
+            return Ok(stream);
+        }
+        self.stream_log(now, &line);
+        Ok(stream)
+    }
+
+    /// Adds a stream's socket, whose stream the budget already counts: a
+    /// guest client (`Phase::Open`) or a host connect in progress
+    /// (`Phase::Connecting`). Fails when the socket cannot be registered; the
+    /// caller then gives the budget back.
+    fn add_conn(&mut self, registry: &Registry, mut conn: Conn, now: Instant) -> std::io::Result<()> {
+        if self.conns.len() >= MAX_CONNS {
             return Err(std::io::Error::other(format!(
-                "descriptor limit of {max} reached"
+                "{MAX_CONNS} streams on one channel"
             )));
         }
         let stream = conn.stream;
         let phase = conn.phase;
         let base = self.token_base;
-        let added = self.conns.insert_with(|key| {
-            let r = conn.sock.register(registry, Token(base + 1 + key));
+        let key = self.conns.insert_with(|key| {
+            let r = conn.sync_interest(registry, Token(base + 1 + key));
             (conn, r)
-        });
-        let key = match added {
-            Ok(key) => key,
-            Err(e) => {
-                self.cfg.budget.release_fd();
-                return Err(e);
-            }
-        };
+        })?;
         self.by_stream.insert(stream, key);
+        self.counters.streams_total += 1;
         if phase == Phase::Connecting {
             self.connecting
                 .push_back((now + self.cfg.connect_timeout, key, stream));
@@ -183,8 +309,10 @@ impl Mux {
         Ok(())
     }
 
-    /// A readiness event for the link or one of this mux's connections.
-    pub fn ready(&mut self, ev: &mio::event::Event, registry: &Registry) {
+    // ---- readiness and work ----
+
+    /// A readiness event for the link or one of this channel's connections.
+    pub fn ready(&mut self, ev: &mio::event::Event, registry: &Registry, now: Instant) {
         let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
         let writable = ev.is_writable() || ev.is_write_closed() || ev.is_error();
         // End of file (or an error) is already queued: it must be read, so a
@@ -204,32 +332,38 @@ impl Mux {
         if conn.phase == Phase::Connecting {
             match conn.sock.connect_result() {
                 Ok(false) => return,
-                Ok(true) => self.connected(key),
+                Ok(true) => self.connected(key, registry, now),
                 Err(e) => {
                     let text = format!("connect to {}: {e}", conn.peer);
-                    self.session.refuse(conn.stream, Code::Unreachable, &text);
-                    self.drop_conn(key, registry, &format!("refused: {text}"), false);
+                    let stream = conn.stream;
+                    self.refuse(stream, Code::Unreachable, &text);
+                    self.drop_conn(key, registry, &format!("refused: {text}"), false, now);
                     return;
                 }
             }
         }
         if writable {
-            self.flush_conn(key, registry);
+            self.flush_conn(key, registry, now);
         }
         if readable {
             self.enqueue(key);
         }
     }
 
-    fn connected(&mut self, key: usize) {
+    fn connected(&mut self, key: usize, registry: &Registry, now: Instant) {
         let conn = self.conns.get_mut(key).expect("live key");
         conn.phase = Phase::Open;
         self.session.accept(conn.stream);
+        let local = conn
+            .sock
+            .local_addr()
+            .map_or_else(String::new, |a| format!(" from {a}"));
         let line = format!(
-            "stream {} ({}) connected to {}",
+            "stream {} ({}) connected to {}{local}",
             conn.stream, conn.service, conn.peer
         );
-        self.stream_log(&line);
+        self.sync_interest(key, registry, now);
+        self.stream_log(now, &line);
     }
 
     /// Runs everything due: link and session timers, channel input, events,
@@ -237,7 +371,7 @@ impl Mux {
     /// Returns whether work is left over for another turn.
     pub fn process(&mut self, now: Instant, registry: &Registry, opener: &mut dyn Opener) -> bool {
         if let Some(news) = self.link.handle_timeout(now, registry, &mut self.session) {
-            self.log_link(news);
+            self.log_link(news, now);
         }
         if self.session.poll_timeout().is_some_and(|t| now >= t) {
             self.session.handle_timeout(now);
@@ -246,13 +380,13 @@ impl Mux {
         self.sweep(now, registry);
         for _ in 0..ROUNDS {
             if let Some(news) = self.link.read(now, registry, &mut self.session) {
-                self.log_link(news);
+                self.log_link(news, now);
             }
             self.dispatch(now, registry, opener);
             self.serve_ready(now, registry);
             let before = self.session.poll_transmit().len();
             if let Some(news) = self.link.write(now, registry, &mut self.session) {
-                self.log_link(news);
+                self.log_link(news, now);
             }
             let wrote = before != self.session.poll_transmit().len();
             if !wrote && !self.link.may_read() {
@@ -285,75 +419,13 @@ impl Mux {
         }
     }
 
-    fn log_link(&mut self, news: LinkNews) {
-        let spec = self.link.spec().to_string();
-        match news {
-            LinkNews::Connected => self.session_log(false, format!("channel {spec} connected")),
-            LinkNews::Opened(path) => self.session_log(
-                false,
-                format!("channel {spec} opened ({}); waiting for the host", path.display()),
-            ),
-            LinkNews::HostPresent => self.session_log(false, format!("channel {spec}: host connected")),
-            LinkNews::Lost(why) => self.session_log(true, format!("channel {spec} lost: {why}")),
-            LinkNews::HostAbsent => self.session_log(true, format!("channel {spec}: host disconnected")),
-            LinkNews::Failed {
-                error,
-                retry_in,
-                repeated,
-            } => {
-                // The same failure again: quietly, so a stopped VM does not
-                // flood the log; loudly once a minute.
-                let ms = retry_in.as_millis();
-                if repeated {
-                    debug!("{}channel {spec}: {error}; retrying in {ms} ms", self.cfg.label);
-                } else {
-                    let line =
-                        format!("channel {spec}: {error}; retrying in {ms} ms (repeats logged at debug)");
-                    self.session_log(true, line);
-                }
-            }
-        }
-    }
-
-    /// Logs a session or channel line, within [`SESSION_LOG_PER_SEC`]: a peer
-    /// restarting sessions in a loop cannot flood the log.
-    fn session_log(&mut self, warning: bool, line: String) {
-        let (allowed, dropped) = self.session_log.allow(Instant::now());
-        if let Some(n) = dropped {
-            warn!(
-                "{}{n} session log lines suppressed in the last second",
-                self.cfg.label
-            );
-        }
-        if allowed && warning {
-            warn!("{}{line}", self.cfg.label);
-        } else if allowed {
-            info!("{}{line}", self.cfg.label);
-        }
-    }
-
-    /// Logs a stream line, within [`STREAM_LOG_PER_SEC`]: a guest opening and
-    /// closing streams in a loop cannot flood the log.
-    fn stream_log(&mut self, line: &str) {
-        let (allowed, dropped) = self.log.allow(Instant::now());
-        if let Some(n) = dropped {
-            warn!(
-                "{}{n} stream log lines suppressed in the last second",
-                self.cfg.label
-            );
-        }
-        if allowed {
-            info!("{}{line}", self.cfg.label);
-        }
-    }
-
     fn has_work(&self) -> bool {
         let channel_input = self.link.may_read() && self.session.can_receive();
         let stream_input = !self.ready.is_empty() && self.session.can_send_data();
         channel_input || stream_input
     }
 
-    /// The next time [`Mux::process`] must run without readiness.
+    /// The next time [`Channel::process`] must run without readiness.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = [
             self.link.poll_timeout(),
@@ -372,9 +444,10 @@ impl Mux {
             match ev.into_owned() {
                 Ok(ev) => self.on_event(ev, now, registry, opener),
                 Err((stream, bytes)) => {
+                    self.counters.bytes_from_peer += bytes.len() as u64;
                     let Some(&key) = self.by_stream.get(&stream) else {
-                        // The session knows a stream the mux has not added or
-                        // just dropped: nothing can take the bytes.
+                        // The session knows a stream the channel has not added
+                        // or just dropped: nothing can take the bytes.
                         continue;
                     };
                     let conn = self.conns.get_mut(key).expect("mapped key");
@@ -390,7 +463,7 @@ impl Mux {
                         }
                     } else {
                         let w = conn.deliver(bytes);
-                        self.after_write(key, stream, w, registry);
+                        self.after_write(key, stream, w, registry, now);
                     }
                 }
             }
@@ -398,7 +471,7 @@ impl Mux {
         for key in std::mem::take(&mut self.dirty) {
             if let Some(conn) = self.conns.get_mut(key) {
                 conn.dirty = false;
-                self.flush_conn(key, registry);
+                self.flush_conn(key, registry, now);
             }
         }
     }
@@ -407,6 +480,7 @@ impl Mux {
         match ev {
             Event::Data { .. } => unreachable!("split off by dispatch"),
             Event::Established(info) => self.session_log(
+                now,
                 false,
                 format!(
                     "session established (version {}, peer {:?}, session tag {:04x})",
@@ -420,17 +494,19 @@ impl Mux {
                     "frames {}, stream violations {}, opens refused for rate {}, throttled {}x",
                     stats.frames_in, stats.stream_violations, stats.opens_refused_for_rate, stats.throttled
                 );
+                *self.counters.sessions_ended.entry(reason.kind()).or_default() += 1;
                 if n > 0 || reason.is_failure() {
                     self.session_log(
+                        now,
                         true,
                         format!("session ended: {reason}; resetting {n} stream(s) ({counters})"),
                     );
                 } else {
-                    self.session_log(false, format!("session ended: {reason} ({counters})"));
+                    self.session_log(now, false, format!("session ended: {reason} ({counters})"));
                 }
                 let why = format!("session ended: {reason}");
                 for key in self.conns.keys().collect::<Vec<_>>() {
-                    self.drop_conn(key, registry, &why, false);
+                    self.drop_conn(key, registry, &why, false, now);
                 }
                 self.ready.clear();
                 self.connecting.clear();
@@ -441,27 +517,35 @@ impl Mux {
                 } else {
                     "refused the peer's handshake"
                 };
-                self.session_log(true, format!("{who}: {code}: {text}"));
+                self.session_log(now, true, format!("{who}: {code}: {text}"));
             }
             Event::GoingAway { code, drain, text } => {
                 let ms = drain.as_millis();
                 self.session_log(
+                    now,
                     false,
                     format!("peer is going away ({code}: {text}); draining for {ms} ms"),
                 );
             }
             Event::Opened { stream, service } => self.opened(stream, service, now, registry, opener),
-            Event::Accepted { stream } => debug!("{}stream {stream} accepted", self.cfg.label),
+            Event::Accepted { stream } => ::log::debug!("{}stream {stream} accepted", self.cfg.label),
             Event::Refused {
                 stream,
                 code,
                 text,
                 by_peer,
             } => {
+                *self.counters.refused.entry(code).or_default() += 1;
                 if let Some(&key) = self.by_stream.get(&stream) {
-                    self.drop_conn(key, registry, &format!("refused by host: {code}: {text}"), false);
+                    self.drop_conn(
+                        key,
+                        registry,
+                        &format!("refused by host: {code}: {text}"),
+                        false,
+                        now,
+                    );
                 } else if !by_peer {
-                    self.stream_log(&format!("stream {stream} refused: {code}: {text}"));
+                    self.stream_log(now, &format!("stream {stream} refused: {code}: {text}"));
                 }
             }
             Event::Finished { stream } => {
@@ -469,7 +553,7 @@ impl Mux {
                     let conn = self.conns.get_mut(key).expect("mapped key");
                     conn.peer_fin = true;
                     conn.note_half_close(now);
-                    self.flush_conn(key, registry);
+                    self.flush_conn(key, registry, now);
                 }
             }
             Event::Reset {
@@ -484,7 +568,7 @@ impl Mux {
                     } else {
                         "reset (peer broke stream rules)"
                     };
-                    self.drop_conn(key, registry, &format!("{who}: {code}: {text}"), false);
+                    self.drop_conn(key, registry, &format!("{who}: {code}: {text}"), false, now);
                 }
             }
             Event::Credit { stream } => {
@@ -493,6 +577,12 @@ impl Mux {
                 }
             }
         }
+    }
+
+    /// Refuses a stream the peer opened, counting the code.
+    fn refuse(&mut self, stream: StreamId, code: Code, text: &str) {
+        *self.counters.refused.entry(code).or_default() += 1;
+        self.session.refuse(stream, code, text);
     }
 
     /// The peer opened a stream: add its socket at once, before any DATA that
@@ -505,33 +595,45 @@ impl Mux {
         registry: &Registry,
         opener: &mut dyn Opener,
     ) {
-        if !self.cfg.budget.fd_available() {
-            let text = format!("descriptor limit of {} reached", self.cfg.budget.max_fds());
-            self.stream_log(&format!(
-                "stream {stream} ({service}) refused: RESOURCE_LIMIT: {text}"
-            ));
-            self.session.refuse(stream, Code::ResourceLimit, &text);
+        // Counted before connecting, so that a guest at its limit costs the
+        // service nothing.
+        if let Err(r) = self.cfg.budget.try_stream() {
+            let text = r.to_string();
+            self.stream_log(
+                now,
+                &format!("stream {stream} ({service}) refused: RESOURCE_LIMIT: {text}"),
+            );
+            self.refuse(stream, Code::ResourceLimit, &text);
             return;
         }
         let (sock, peer) = match opener.open(stream, &service) {
             Ok(s) => s,
             Err((code, text)) => {
-                self.stream_log(&format!("stream {stream} ({service}) refused: {code}: {text}"));
-                self.session.refuse(stream, code, &text);
+                self.cfg.budget.release_stream();
+                self.stream_log(
+                    now,
+                    &format!("stream {stream} ({service}) refused: {code}: {text}"),
+                );
+                self.refuse(stream, code, &text);
                 return;
             }
         };
-        let conn = Conn::new(stream, service.clone(), peer, sock, Phase::Connecting, now);
-        if let Err(e) = self.add_conn(registry, conn, now) {
-            let text = format!("cannot add the socket: {e}");
-            self.stream_log(&format!(
-                "stream {stream} ({service}) refused: RESOURCE_LIMIT: {text}"
-            ));
-            self.session.refuse(stream, Code::ResourceLimit, &text);
+        let added = Conn::new(stream, service.clone(), peer, sock, Phase::Connecting, now)
+            .and_then(|conn| self.add_conn(registry, conn, now));
+        if let Err(e) = added {
+            self.cfg.budget.release_stream();
+            let text = format!("cannot use the socket: {e}");
+            self.stream_log(
+                now,
+                &format!("stream {stream} ({service}) refused: RESOURCE_LIMIT: {text}"),
+            );
+            self.refuse(stream, Code::ResourceLimit, &text);
         }
     }
 
-    /// Stops for good: GOAWAY now; the caller calls [`Mux::finish_shutdown`]
+    // ---- shutdown ----
+
+    /// Stops for good: GOAWAY now; the caller calls [`Channel::finish_shutdown`]
     /// when the grace period is over.
     pub fn shutdown(&mut self, grace: Duration, now: Instant) {
         self.session.shutdown(grace, now);
@@ -544,7 +646,7 @@ impl Mux {
     }
 
     /// After the grace period: reset what remains and close the link.
-    /// (Dropping a mux gives back what its streams hold too, without the
+    /// (Dropping a channel gives back what its streams hold too, without the
     /// resets.)
     pub fn finish_shutdown(&mut self, now: Instant, registry: &Registry) {
         self.session.close(now);
@@ -554,12 +656,12 @@ impl Mux {
     }
 }
 
-impl Drop for Mux {
+impl Drop for Channel {
     fn drop(&mut self) {
         for key in self.conns.keys().collect::<Vec<_>>() {
             let conn = self.conns.remove(key).expect("listed");
             self.cfg.budget.release_buffer(conn.reserved);
-            self.cfg.budget.release_fd();
+            self.cfg.budget.release_stream();
         }
     }
 }

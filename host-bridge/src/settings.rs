@@ -1,0 +1,62 @@
+//! What every loop thread serves by: the settings derived from the command
+//! line at start-up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vios_common::io::limits::{Descriptors, StreamTimeouts};
+use vios_common::proto::session::Policy;
+use vios_common::proto::Limits;
+
+use crate::config::{Cli, ServiceSpec};
+
+#[derive(Debug)]
+pub struct Settings {
+    pub services: Vec<ServiceSpec>,
+    pub limits: Limits,
+    pub policy: Policy,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// Bytes buffered for one guest's streams.
+    pub max_buffered: usize,
+    /// Every descriptor of the process: channels, loops, streams.
+    pub fds: Arc<Descriptors>,
+    pub timeouts: StreamTimeouts,
+    /// End a session whose guest reads nothing for this long.
+    pub write_stall: Option<Duration>,
+}
+
+impl Settings {
+    pub fn new(cli: &Cli, fds: Arc<Descriptors>) -> Settings {
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        Settings {
+            services: cli.services.clone(),
+            limits: Limits {
+                max_frame_payload: cli.max_frame,
+                initial_window: cli.window,
+                max_streams: cli.max_streams,
+                idle_timeout_ms: cli.idle_timeout.as_millis() as u32,
+            },
+            policy: Policy {
+                control_rate: cli.control_rate,
+                frame_rate: cli.frame_rate,
+                open_rate: cli.open_rate,
+                open_burst: cli.max_streams,
+                violations_per_10s: cli.max_violations,
+                sessions_per_minute: cli.session_rate,
+                scan_bytes_per_sec: cli.scan_rate,
+            },
+            handshake_timeout: cli.handshake_timeout,
+            connect_timeout: cli.connect_timeout,
+            shutdown_grace: cli.shutdown_grace,
+            max_buffered: usize::try_from(cli.max_buffered).unwrap_or(usize::MAX),
+            fds,
+            timeouts: StreamTimeouts {
+                idle: nonzero(cli.stream_idle_timeout),
+                half_closed: nonzero(cli.half_closed_timeout),
+            },
+            write_stall: nonzero(cli.write_stall_timeout),
+        }
+    }
+}

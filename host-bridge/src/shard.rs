@@ -1,0 +1,378 @@
+//! A loop thread: one [`EventLoop`] serving many guests, each a group of
+//! [`Channel`]s sharing the guest's [`Budget`].
+//!
+//! The host bridge runs a fixed number of these (one per core by default);
+//! the supervisor spreads guests over them and steers them with [`Command`]s.
+//! An idle guest costs its channels' descriptors and a few KiB, no thread.
+//!
+//! Within a loop, fairness between guests is the turn's job: a channel is
+//! processed only when readiness or one of its timers says so, and each
+//! processing is bounded (reads, frames and bytes per turn, see
+//! `vios_common::io::channel`). A channel with work left goes to the back of
+//! the next turn, after everything that became ready meanwhile.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::info;
+use mio::event::Event;
+use mio::{Registry, Token, Waker};
+use vios_common::io::channel::{Channel, ChannelConfig, CONN_TOKEN_BITS};
+use vios_common::io::event_loop::{EventLoop, Handler, Turn, FIRST_RESERVED};
+use vios_common::io::limits::Budget;
+use vios_common::io::link::{ChannelSpec, Link};
+use vios_common::io::random_seed;
+use vios_common::io::slab::Slab;
+use vios_common::proto::{Config as SessionConfig, Role, Session};
+
+use crate::services::ServiceOpener;
+use crate::settings::Settings;
+
+/// Descriptors a loop thread holds: its poll instance and its waker.
+pub const SHARD_FDS: usize = 2;
+
+/// What the supervisor tells a loop thread.
+#[derive(Debug)]
+pub enum Command {
+    /// Serve guest `id` on these channel sockets.
+    AddGuest {
+        id: u64,
+        name: String,
+        sockets: Vec<PathBuf>,
+    },
+    /// Serve exactly these channel sockets of guest `id`: new ones are
+    /// connected, channels no longer listed have their streams reset and are
+    /// closed.
+    SetChannels { id: u64, sockets: Vec<PathBuf> },
+    /// The guest is gone: reset its streams, close its channels.
+    RemoveGuest { id: u64 },
+    /// GOAWAY on every channel, then reset what remains after `grace`, and
+    /// end the thread.
+    Stop { grace: Duration },
+}
+
+/// The supervisor's end of a loop thread.
+pub struct ShardHandle {
+    pub index: usize,
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+    pub thread: JoinHandle<io::Result<()>>,
+}
+
+impl ShardHandle {
+    pub fn send(&self, c: Command) {
+        let _ = self.tx.send(c);
+        let _ = self.waker.wake();
+    }
+}
+
+/// Starts loop thread `index`.
+pub fn spawn(index: usize, settings: Arc<Settings>) -> io::Result<ShardHandle> {
+    if !settings.fds.take_infra(SHARD_FDS) {
+        return Err(io::Error::other("no descriptors free for a loop thread"));
+    }
+    let mut el = match EventLoop::new().and_then(|mut el| el.waker().map(|w| (el, w))) {
+        Ok((el, w)) => (el, w),
+        Err(e) => {
+            settings.fds.release_infra(SHARD_FDS);
+            return Err(e);
+        }
+    };
+    let waker = el.1.clone();
+    let (tx, rx) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("loop-{index}"))
+        .spawn(move || {
+            let fds = settings.fds.clone();
+            let mut shard = Shard {
+                settings,
+                commands: rx,
+                guests: HashMap::new(),
+                slots: Slab::default(),
+                timers: BTreeSet::new(),
+                touched: Vec::new(),
+                busy: Vec::new(),
+                stopping: None,
+            };
+            let r = el.0.run(&mut shard);
+            drop(shard);
+            drop(el);
+            fds.release_infra(SHARD_FDS);
+            r
+        })?;
+    Ok(ShardHandle {
+        index,
+        tx,
+        waker,
+        thread,
+    })
+}
+
+struct GuestState {
+    name: String,
+    budget: Arc<Budget>,
+    /// Keys of its channels in `slots`.
+    slots: Vec<usize>,
+}
+
+struct Slot {
+    guest: u64,
+    path: PathBuf,
+    channel: Channel,
+    /// The deadline this slot has in `timers`.
+    timer: Option<Instant>,
+    /// Already in this turn's list.
+    touched: bool,
+}
+
+struct Shard {
+    settings: Arc<Settings>,
+    commands: Receiver<Command>,
+    guests: HashMap<u64, GuestState>,
+    /// Channel `k` has tokens from `k << CONN_TOKEN_BITS` on.
+    slots: Slab<Slot>,
+    timers: BTreeSet<(Instant, usize)>,
+    /// Channels to process this turn, in the order they became ready.
+    touched: Vec<usize>,
+    /// Channels that had work left at the end of the last turn.
+    busy: Vec<usize>,
+    stopping: Option<Instant>,
+}
+
+fn slot_of(token: Token) -> usize {
+    token.0 >> CONN_TOKEN_BITS
+}
+
+impl Shard {
+    fn touch(&mut self, key: usize) {
+        if let Some(slot) = self.slots.get_mut(key) {
+            if !slot.touched {
+                slot.touched = true;
+                self.touched.push(key);
+            }
+        }
+    }
+
+    /// Keeps the slot's entry in `timers` at its channel's next deadline.
+    fn schedule(&mut self, key: usize) {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        let t = slot.channel.poll_timeout();
+        if t != slot.timer {
+            if let Some(old) = slot.timer {
+                self.timers.remove(&(old, key));
+            }
+            if let Some(new) = t {
+                self.timers.insert((new, key));
+            }
+            slot.timer = t;
+        }
+    }
+
+    fn command(&mut self, c: Command, registry: &Registry, now: Instant) {
+        match c {
+            Command::AddGuest { id, name, sockets } => {
+                let s = &self.settings;
+                let budget = Arc::new(Budget::new(
+                    id,
+                    s.max_buffered,
+                    s.limits.max_streams as usize,
+                    s.fds.clone(),
+                ));
+                info!("guest {name}: serving {} channel(s)", sockets.len());
+                self.guests.insert(
+                    id,
+                    GuestState {
+                        name,
+                        budget,
+                        slots: Vec::new(),
+                    },
+                );
+                self.set_channels(id, &sockets, registry, now);
+            }
+            Command::SetChannels { id, sockets } => self.set_channels(id, &sockets, registry, now),
+            Command::RemoveGuest { id } => {
+                self.set_channels(id, &[], registry, now);
+                if let Some(g) = self.guests.remove(&id) {
+                    info!("guest {}: stopped", g.name);
+                }
+            }
+            Command::Stop { grace } => {
+                if self.stopping.is_none() {
+                    for key in self.slots.keys().collect::<Vec<_>>() {
+                        let slot = self.slots.get_mut(key).expect("listed");
+                        slot.channel.shutdown(grace, now);
+                        self.touch(key);
+                    }
+                    self.stopping = Some(now + grace);
+                }
+            }
+        }
+    }
+
+    fn set_channels(&mut self, id: u64, sockets: &[PathBuf], registry: &Registry, now: Instant) {
+        let Some(g) = self.guests.get_mut(&id) else { return };
+        let (slots, timers) = (&mut self.slots, &mut self.timers);
+        let (keep, gone): (Vec<usize>, Vec<usize>) = g.slots.iter().partition(|&&k| {
+            let path = &slots.get(k).expect("guest's slot").path;
+            sockets.contains(path)
+        });
+        g.slots = keep;
+        for key in gone {
+            let mut slot = slots.remove(key).expect("guest's slot");
+            if let Some(t) = slot.timer {
+                timers.remove(&(t, key));
+            }
+            info!("{}channel removed", slot.channel.label());
+            slot.channel.finish_shutdown(now, registry);
+        }
+        let mut added = Vec::new();
+        for path in sockets {
+            let known = g
+                .slots
+                .iter()
+                .any(|&k| slots.get(k).is_some_and(|s| &s.path == path));
+            if known {
+                continue;
+            }
+            let key = slots.next_key();
+            if key >= (FIRST_RESERVED >> CONN_TOKEN_BITS) {
+                log::error!(
+                    "guest {}: no token space left for channel {}",
+                    g.name,
+                    path.display()
+                );
+                continue;
+            }
+            let channel = new_channel(&self.settings, &g.name, &g.budget, path, key, now);
+            let got = slots.insert(Slot {
+                guest: id,
+                path: path.clone(),
+                channel,
+                timer: None,
+                touched: false,
+            });
+            debug_assert_eq!(got, key);
+            g.slots.push(key);
+            added.push(key);
+        }
+        for key in added {
+            self.schedule(key);
+        }
+    }
+
+    fn process(&mut self, key: usize, registry: &Registry, now: Instant) -> bool {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return false;
+        };
+        slot.touched = false;
+        let Some(g) = self.guests.get(&slot.guest) else {
+            return false;
+        };
+        let mut opener = ServiceOpener::new(&g.name, &self.settings);
+        let more = slot.channel.process(now, registry, &mut opener);
+        self.schedule(key);
+        more
+    }
+}
+
+fn new_channel(
+    settings: &Settings,
+    guest: &str,
+    budget: &Arc<Budget>,
+    path: &std::path::Path,
+    key: usize,
+    now: Instant,
+) -> Channel {
+    let version = env!("CARGO_PKG_VERSION");
+    let mut cfg = SessionConfig::new(Role::Host, format!("vios-host-bridge {version}"));
+    cfg.limits = settings.limits;
+    cfg.policy = settings.policy.clone();
+    cfg.hello_deadline = settings.handshake_timeout;
+    let link = Link::new(
+        ChannelSpec::Unix(path.to_path_buf()),
+        Token(key << CONN_TOKEN_BITS),
+        now,
+    )
+    .with_descriptors(settings.fds.clone());
+    let port = path
+        .file_name()
+        .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+    let ccfg = ChannelConfig {
+        label: format!("guest {guest} {port}: "),
+        connect_timeout: settings.connect_timeout,
+        budget: budget.clone(),
+        timeouts: settings.timeouts,
+        write_stall: settings.write_stall,
+    };
+    Channel::new(Session::new(cfg, random_seed()), link, ccfg)
+}
+
+impl Handler for Shard {
+    fn ready(&mut self, event: &Event, registry: &Registry, now: Instant) {
+        let key = slot_of(event.token());
+        if let Some(slot) = self.slots.get_mut(key) {
+            slot.channel.ready(event, registry, now);
+            self.touch(key);
+        }
+    }
+
+    fn woken(&mut self, registry: &Registry, now: Instant) {
+        while let Ok(c) = self.commands.try_recv() {
+            self.command(c, registry, now);
+        }
+    }
+
+    fn turn(&mut self, registry: &Registry, now: Instant) -> Turn {
+        for key in std::mem::take(&mut self.busy) {
+            self.touch(key);
+        }
+        while let Some(&(t, key)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
+            if let Some(slot) = self.slots.get_mut(key) {
+                slot.timer = None;
+            }
+            self.touch(key);
+        }
+        for key in std::mem::take(&mut self.touched) {
+            if self.process(key, registry, now) {
+                self.busy.push(key);
+            }
+        }
+        if let Some(deadline) = self.stopping {
+            let all_down = self
+                .slots
+                .keys()
+                .all(|k| self.slots.get(k).is_some_and(|s| s.channel.is_shut_down()));
+            if now >= deadline || all_down {
+                for key in self.slots.keys().collect::<Vec<_>>() {
+                    let slot = self.slots.get_mut(key).expect("listed");
+                    slot.channel.finish_shutdown(now, registry);
+                }
+                return Turn::Done;
+            }
+        }
+        if self.busy.is_empty() {
+            Turn::Idle
+        } else {
+            Turn::Busy
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let t = self.timers.first().map(|&(t, _)| t);
+        match (t, self.stopping) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The supervisor: the main thread's loop. It finds guests (on the command
+//! line, in guest directories), spreads them over the loop threads, turns
+//! directory changes into commands for them, turns SIGTERM and SIGINT into an
+//! orderly stop and SIGHUP into a rescan, and watches the loop threads.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use mio::event::Event;
+use mio::Registry;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use vios_common::io::event_loop::{Handler, Turn};
+use vios_common::io::link::REPORT_AGAIN;
+
+use crate::config::Cli;
+use crate::discovery;
+use crate::settings::Settings;
+use crate::shard::{self, Command, ShardHandle};
+
+/// How often the loop threads' health is looked at.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
+/// Where a guest comes from: the command line, or a directory on disk.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Origin {
+    Static(String),
+    Dir(PathBuf),
+}
+
+struct Guest {
+    id: u64,
+    name: String,
+    sockets: Vec<PathBuf>,
+    shard: usize,
+}
+
+pub struct Supervisor {
+    cli: Cli,
+    settings: Arc<Settings>,
+    shards: Vec<Option<ShardHandle>>,
+    guests: BTreeMap<Origin, Guest>,
+    next_id: u64,
+    next_scan: Option<Instant>,
+    next_health: Instant,
+    /// The last failure to read each directory, and when it was logged.
+    scan_failures: BTreeMap<PathBuf, (String, Instant)>,
+    /// Why the daemon must exit with an error.
+    pub failure: Option<io::Error>,
+    done: bool,
+}
+
+impl Supervisor {
+    /// Starts the loop threads and serves the command line's guests.
+    pub fn start(cli: Cli, settings: Arc<Settings>, threads: usize) -> io::Result<Supervisor> {
+        let mut shards = Vec::with_capacity(threads);
+        for i in 0..threads {
+            shards.push(Some(shard::spawn(i, settings.clone())?));
+        }
+        info!("{threads} loop thread(s)");
+        let now = Instant::now();
+        let mut sup = Supervisor {
+            next_scan: (!cli.scan_dirs().is_empty()).then_some(now),
+            cli,
+            settings,
+            shards,
+            guests: BTreeMap::new(),
+            next_id: 1,
+            next_health: now + HEALTH_EVERY,
+            scan_failures: BTreeMap::new(),
+            failure: None,
+            done: false,
+        };
+        for g in sup.cli.guests.clone() {
+            sup.add(Origin::Static(g.name.clone()), g.name, g.sockets);
+        }
+        Ok(sup)
+    }
+
+    /// The loop thread with the fewest guests.
+    fn least_loaded(&self) -> usize {
+        let mut counts = vec![0usize; self.shards.len()];
+        for g in self.guests.values() {
+            counts[g.shard] += 1;
+        }
+        (0..counts.len())
+            .filter(|&i| self.shards[i].is_some())
+            .min_by_key(|&i| counts[i])
+            .unwrap_or(0)
+    }
+
+    fn send(&self, shard: usize, c: Command) {
+        if let Some(h) = &self.shards[shard] {
+            h.send(c);
+        }
+    }
+
+    fn add(&mut self, origin: Origin, name: String, sockets: Vec<PathBuf>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let shard = self.least_loaded();
+        self.send(
+            shard,
+            Command::AddGuest {
+                id,
+                name: name.clone(),
+                sockets: sockets.clone(),
+            },
+        );
+        self.guests.insert(
+            origin,
+            Guest {
+                id,
+                name,
+                sockets,
+                shard,
+            },
+        );
+    }
+
+    /// Brings the guests of guest directories in line with what is on disk.
+    /// A directory that cannot be read changes nothing: its guests keep their
+    /// sessions until a successful scan says they are gone.
+    pub fn rescan(&mut self, now: Instant) {
+        let dirs = self.cli.scan_dirs();
+        if dirs.is_empty() {
+            return;
+        }
+        self.next_scan = Some(now + self.cli.rescan);
+        let scan = discovery::scan(&dirs, &self.cli.channel_pattern);
+        self.log_scan_failures(&scan, now);
+        for (dir, f) in &scan.found {
+            let origin = Origin::Dir(dir.clone());
+            match self.guests.get_mut(&origin) {
+                Some(g) if g.sockets != f.sockets => {
+                    info!("guest {}: channels now {:?}", f.name, f.sockets);
+                    g.sockets = f.sockets.clone();
+                    let (shard, id) = (g.shard, g.id);
+                    self.send(
+                        shard,
+                        Command::SetChannels {
+                            id,
+                            sockets: f.sockets.clone(),
+                        },
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    info!(
+                        "guest {} found in {} ({} channel(s))",
+                        f.name,
+                        dir.display(),
+                        f.sockets.len()
+                    );
+                    self.add(origin, f.name.clone(), f.sockets.clone());
+                }
+            }
+        }
+        let gone: Vec<Origin> = self
+            .guests
+            .keys()
+            .filter(|o| matches!(o, Origin::Dir(d) if scan.is_gone(d)))
+            .cloned()
+            .collect();
+        for origin in gone {
+            let g = self.guests.remove(&origin).expect("listed");
+            info!(
+                "guest {} is gone: resetting its streams and freeing its channels",
+                g.name
+            );
+            self.send(g.shard, Command::RemoveGuest { id: g.id });
+        }
+    }
+
+    /// Logs each directory that could not be read: a new failure at once,
+    /// the same one again once a minute.
+    fn log_scan_failures(&mut self, scan: &discovery::Scan, now: Instant) {
+        for (dir, e) in &scan.failed {
+            let text = e.to_string();
+            let kept = self
+                .guests
+                .keys()
+                .filter(|o| matches!(o, Origin::Dir(d) if d == dir || d.parent() == Some(dir.as_path())))
+                .count();
+            // A directory that does not exist (yet: libvirt not started, or
+            // one of its two layouts unused) is said once, quietly.
+            let missing = e.kind() == io::ErrorKind::NotFound;
+            let repeated = self.scan_failures.get(dir).is_some_and(|(last, at)| {
+                *last == text && (missing || now.duration_since(*at) < REPORT_AGAIN)
+            });
+            if repeated {
+                continue;
+            }
+            self.scan_failures.insert(dir.clone(), (text.clone(), now));
+            if missing && kept == 0 {
+                info!(
+                    "{} does not exist (yet); looking again at every scan",
+                    dir.display()
+                );
+            } else {
+                warn!(
+                    "cannot read {}: {text}; its {kept} known guest(s) keep their sessions; \
+                     retrying at the next scan",
+                    dir.display()
+                );
+            }
+        }
+        for dir in &scan.complete {
+            if self.scan_failures.remove(dir).is_some() {
+                info!("{} can be read again", dir.display());
+            }
+        }
+    }
+
+    /// A loop thread that ended unasked: one whose poll kept failing ends the
+    /// daemon (its supervisor restarts it); one that panicked is restarted
+    /// with its guests, whose sessions start over.
+    fn check_shards(&mut self) {
+        for i in 0..self.shards.len() {
+            if !self.shards[i].as_ref().is_some_and(|h| h.thread.is_finished()) {
+                continue;
+            }
+            let h = self.shards[i].take().expect("checked");
+            match h.thread.join() {
+                Ok(Err(e)) => {
+                    error!("loop thread {i} failed: {e}; stopping");
+                    self.failure = Some(e);
+                    return;
+                }
+                Ok(Ok(())) => error!("loop thread {i} ended unasked; restarting it"),
+                Err(_) => error!("loop thread {i} panicked; restarting it with its guests"),
+            }
+            match shard::spawn(i, self.settings.clone()) {
+                Ok(h) => self.shards[i] = Some(h),
+                Err(e) => {
+                    error!("cannot restart loop thread {i}: {e}; stopping");
+                    self.failure = Some(e);
+                    return;
+                }
+            }
+            for g in self.guests.values().filter(|g| g.shard == i) {
+                self.send(
+                    i,
+                    Command::AddGuest {
+                        id: g.id,
+                        name: g.name.clone(),
+                        sockets: g.sockets.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Stops every loop thread (GOAWAY, the grace period, resets) and waits
+    /// for them.
+    fn stop_all(&mut self) {
+        let grace = self.settings.shutdown_grace;
+        for h in self.shards.iter().flatten() {
+            h.send(Command::Stop { grace });
+        }
+        for (i, h) in self.shards.iter_mut().enumerate() {
+            let Some(h) = h.take() else { continue };
+            match h.thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!("loop thread {i} failed while stopping: {e}"),
+                Err(_) => error!("loop thread {i} panicked while stopping"),
+            }
+        }
+        info!("stopped");
+        self.done = true;
+    }
+}
+
+impl Handler for Supervisor {
+    fn ready(&mut self, _: &Event, _: &Registry, _: Instant) {}
+
+    fn signal(&mut self, signal: i32, _: &Registry, now: Instant) {
+        if signal == SIGHUP {
+            info!("SIGHUP: rescanning guest directories");
+            self.rescan(now);
+        } else if signal == SIGTERM || signal == SIGINT {
+            info!("signal {signal}: stopping");
+            self.stop_all();
+        }
+    }
+
+    fn turn(&mut self, _: &Registry, now: Instant) -> Turn {
+        if self.done {
+            return Turn::Done;
+        }
+        if self.next_scan.is_some_and(|t| now >= t) {
+            self.rescan(now);
+        }
+        if now >= self.next_health {
+            self.next_health = now + HEALTH_EVERY;
+            self.check_shards();
+        }
+        if self.failure.is_some() {
+            self.stop_all();
+            return Turn::Done;
+        }
+        Turn::Idle
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        Some(
+            self.next_scan
+                .map_or(self.next_health, |t| t.min(self.next_health)),
+        )
+    }
+}
