@@ -475,6 +475,8 @@ class Vios:
         wait_for(lambda: os.path.exists(hsock) and os.path.exists(gsock), 10, "stand-in sockets")
         hargv = [os.path.join(bin_, "vios-host-bridge"), "--guest", f"bench={hsock}",
                  "--open-rate", "0", "--max-streams", "12000"]
+        # Extra host-bridge options for experiments (not used by default).
+        hargv += os.environ.get("VIOS_BENCH_HOST_ARGS", "").split()
         for svc, saddr in self.servers.addr.items():
             hargv += ["--service", f"{svc}={saddr}"]
         self.host = REG.start(hargv, stderr=open(os.path.join(L, f"{self.tag}-host.log"), "a"), env=env)

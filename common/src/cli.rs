@@ -72,6 +72,16 @@ pub fn parse_idle(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A boolean as operators write it in `/etc/default` files: `1`, `yes`,
+/// `true`, `on` or `0`, `no`, `false`, `off` (any case).
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "yes" | "true" | "on" => Ok(true),
+        "0" | "no" | "false" | "off" => Ok(false),
+        _ => Err(format!("expected 1/0, yes/no, true/false or on/off, got {s:?}")),
+    }
+}
+
 /// Splits `NAME=VALUE`, checking NAME as a service or guest name.
 pub fn split_named<'a>(s: &'a str, what: &str, form: &str) -> Result<(&'a str, &'a str), String> {
     let (name, value) = s
@@ -114,6 +124,17 @@ mod tests {
         assert!(parse_size("1T").is_err());
         assert!(parse_size_in("1", 1024, 2048).unwrap_err().contains("outside"));
         assert_eq!(parse_size_in("2K", 1024, 2048), Ok(2048));
+    }
+
+    #[test]
+    fn booleans_as_operators_write_them() {
+        for t in ["1", "yes", "YES", "true", "True", "on"] {
+            assert_eq!(parse_bool(t), Ok(true), "{t}");
+        }
+        for f in ["0", "no", "false", "OFF"] {
+            assert_eq!(parse_bool(f), Ok(false), "{f}");
+        }
+        assert!(parse_bool("maybe").unwrap_err().contains("yes/no"));
     }
 
     #[test]

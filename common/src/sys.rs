@@ -5,7 +5,11 @@
 //! its result checked.
 #![allow(unsafe_code)]
 
-use std::io;
+use std::io::{self, Read};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// The open-files limit before and after [`raise_nofile_limit`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +82,167 @@ pub fn is_resource_error(e: &io::Error) -> bool {
     )
 }
 
+/// The user id of the process at the other end of a connected unix socket
+/// (`SO_PEERCRED`: the kernel's word, not the peer's).
+pub fn unix_peer_uid(sock: &impl AsRawFd) -> io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid and writable for the call, `len`
+    // holds the size of `cred`, and the descriptor is borrowed for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// The user id that owns the TCP socket whose local end is `local` and whose
+/// remote end is `remote`: on a loopback connection accepted at `remote`,
+/// the uid of the client. Asks the kernel's sock_diag netlink interface; where
+/// that is missing (a kernel without `inet_diag`), reads `/proc/net/tcp*`.
+pub fn tcp_socket_uid(local: SocketAddr, remote: SocketAddr) -> io::Result<u32> {
+    match sock_diag_uid(local, remote) {
+        Ok(uid) => Ok(uid),
+        Err(_) => proc_net_tcp_uid(local, remote),
+    }
+}
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLMSG_ERROR: u16 = 2;
+
+fn sock_diag_uid(local: SocketAddr, remote: SocketAddr) -> io::Result<u32> {
+    let nl = Socket::new(
+        Domain::from(libc::AF_NETLINK),
+        Type::DGRAM,
+        Some(Protocol::from(libc::NETLINK_SOCK_DIAG)),
+    )?;
+    nl.set_read_timeout(Some(std::time::Duration::from_secs(1)))?;
+    // struct nlmsghdr, then struct inet_diag_req_v2 (linux/inet_diag.h):
+    // family, protocol, ext, pad, states, then inet_diag_sockid: source and
+    // destination port (big-endian), addresses (4 x be32 each), interface,
+    // cookie (INET_DIAG_NOCOOKIE).
+    let mut req = Vec::with_capacity(72);
+    req.extend_from_slice(&72u32.to_ne_bytes());
+    req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    let family = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    req.extend_from_slice(&[family as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    req.extend_from_slice(&u32::MAX.to_ne_bytes());
+    req.extend_from_slice(&local.port().to_be_bytes());
+    req.extend_from_slice(&remote.port().to_be_bytes());
+    for a in [local.ip(), remote.ip()] {
+        let mut b = [0u8; 16];
+        match a {
+            IpAddr::V4(v4) => b[..4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => b.copy_from_slice(&v6.octets()),
+        }
+        req.extend_from_slice(&b);
+    }
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[0xff; 8]);
+    debug_assert_eq!(req.len(), 72);
+    nl.send(&req)?;
+    let mut buf = [0u8; 512];
+    let n = (&nl).read(&mut buf)?;
+    let u16_at = |o: usize| u16::from_ne_bytes([buf[o], buf[o + 1]]);
+    let u32_at = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap());
+    if n < 20 {
+        return Err(io::Error::other("short sock_diag answer"));
+    }
+    if u16_at(4) == NLMSG_ERROR {
+        let code = u32_at(16) as i32;
+        return Err(io::Error::from_raw_os_error(-code));
+    }
+    // struct inet_diag_msg: 4 bytes, the 48-byte sockid, expires, rqueue,
+    // wqueue, then uid.
+    if u16_at(4) != SOCK_DIAG_BY_FAMILY || n < 16 + 4 + 48 + 16 {
+        return Err(io::Error::other("unexpected sock_diag answer"));
+    }
+    Ok(u32_at(16 + 4 + 48 + 12))
+}
+
+/// The same from `/proc/net/tcp` and `/proc/net/tcp6`: addresses in hex as
+/// the kernel stores them, the uid in the eighth column.
+fn proc_net_tcp_uid(local: SocketAddr, remote: SocketAddr) -> io::Result<u32> {
+    let hex = |a: SocketAddr| -> String {
+        let ip = match a.ip() {
+            IpAddr::V4(v4) => format!("{:08X}", u32::from_ne_bytes(v4.octets())),
+            IpAddr::V6(v6) => v6
+                .octets()
+                .chunks(4)
+                .map(|w| format!("{:08X}", u32::from_ne_bytes(w.try_into().unwrap())))
+                .collect(),
+        };
+        format!("{ip}:{:04X}", a.port())
+    };
+    let (l, r) = (hex(local), hex(remote));
+    let file = if local.is_ipv4() {
+        "/proc/net/tcp"
+    } else {
+        "/proc/net/tcp6"
+    };
+    let text = std::fs::read_to_string(file)?;
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 7 && f[1] == l && f[2] == r {
+            return f[7].parse().map_err(|_| io::Error::other("bad uid column"));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no socket {local} -> {remote}"),
+    ))
+}
+
+/// A user's id from its name (`/etc/passwd`) or a number.
+pub fn user_id(name: &str) -> io::Result<u32> {
+    id_from_db(name, "/etc/passwd", "user")
+}
+
+/// A group's id from its name (`/etc/group`) or a number.
+pub fn group_id(name: &str) -> io::Result<u32> {
+    id_from_db(name, "/etc/group", "group")
+}
+
+fn id_from_db(name: &str, db: &str, what: &str) -> io::Result<u32> {
+    if let Ok(n) = name.parse() {
+        return Ok(n);
+    }
+    let text = std::fs::read_to_string(db)?;
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let n = f.next()?;
+            let id = f.nth(1)?;
+            (n == name).then(|| id.parse().ok())?
+        })
+        .next()
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no {what} named {name:?} in {db}"),
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +252,46 @@ mod tests {
         let l = raise_nofile_limit().unwrap();
         assert!(l.soft_before <= l.soft && l.soft <= l.hard, "{l:?}");
         assert_eq!(nofile_limit().unwrap(), l.soft);
+    }
+
+    #[test]
+    fn a_unix_peer_is_known_by_its_uid() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // SAFETY of the test: getuid cannot fail.
+        let me = unsafe { libc::getuid() };
+        assert_eq!(unix_peer_uid(&a).unwrap(), me);
+    }
+
+    #[test]
+    fn a_loopback_client_is_known_by_its_uid_both_ways() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_s, peer) = l.accept().unwrap();
+        // SAFETY of the test: getuid cannot fail.
+        let me = unsafe { libc::getuid() };
+        let local = l.local_addr().unwrap();
+        assert_eq!(peer, c.local_addr().unwrap());
+        assert_eq!(sock_diag_uid(peer, local).unwrap(), me);
+        assert_eq!(proc_net_tcp_uid(peer, local).unwrap(), me);
+        assert_eq!(tcp_socket_uid(peer, local).unwrap(), me);
+        let l6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        let c6 = std::net::TcpStream::connect(l6.local_addr().unwrap()).unwrap();
+        let (_s6, peer6) = l6.accept().unwrap();
+        assert_eq!(peer6, c6.local_addr().unwrap());
+        assert_eq!(proc_net_tcp_uid(peer6, l6.local_addr().unwrap()).unwrap(), me);
+        assert_eq!(sock_diag_uid(peer6, l6.local_addr().unwrap()).unwrap(), me);
+        // No such socket: an error, not a guess.
+        let gone: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        assert!(tcp_socket_uid(gone, local).is_err());
+    }
+
+    #[test]
+    fn users_and_groups_by_name_or_number() {
+        assert_eq!(user_id("root").unwrap(), 0);
+        assert_eq!(group_id("root").unwrap(), 0);
+        assert_eq!(user_id("4242").unwrap(), 4242);
+        let e = user_id("no-such-user-here").unwrap_err();
+        assert!(e.to_string().contains("no user named"), "{e}");
     }
 
     #[test]

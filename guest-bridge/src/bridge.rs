@@ -1,5 +1,12 @@
 //! The guest bridge's state machine on the event loop: the listeners, the
 //! one [`Channel`] to the host, and the clients waiting for a session.
+//!
+//! Local users share the host's stream limit and the waiting queue fairly
+//! ([`FairShare`], per uid as the kernel reports it; clients whose user the
+//! kernel cannot tell share one part): each user present, and one more who
+//! may come, is guaranteed an equal part of the streams and of the queue.
+//! One user's clients beyond its part wait (or, beyond its part of the
+//! queue, are reset) while another user's are served.
 
 use std::collections::VecDeque;
 use std::io;
@@ -11,22 +18,27 @@ use mio::Registry;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use vios_common::io::channel::{Channel, NoOpener};
 use vios_common::io::event_loop::{Handler, Turn};
+use vios_common::io::share::FairShare;
 use vios_common::io::sock::{would_block, Sock};
 
 use crate::config::Cli;
-use crate::listener::Listener;
+use crate::listener::{Accepted, Listener};
+
+/// The user of clients the kernel could not name.
+const UNKNOWN_USER: u32 = u32::MAX;
 
 /// Listener `i` has token `LISTENERS + i`; the channel's tokens are below it.
 pub const LISTENERS: usize = 1 << 30;
 /// After `EMFILE` and friends, accept again after this long.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-/// A client accepted while there was no session.
+/// A client accepted while there was no session, or beyond its user's part.
 struct Waiting {
     deadline: Instant,
     sock: Sock,
     peer: String,
     service: String,
+    uid: u32,
     since: Instant,
 }
 
@@ -35,6 +47,10 @@ pub struct Bridge {
     channel: Channel,
     pub listeners: Vec<Listener>,
     waiting: VecDeque<Waiting>,
+    /// Each user's streams (the room is the host's stream limit) and places
+    /// in the waiting queue.
+    streams: FairShare<u32>,
+    queue: FairShare<u32>,
     /// Listeners with pending clients (edge seen, not yet drained).
     to_accept: Vec<usize>,
     /// Accepting paused until then (descriptor exhaustion).
@@ -45,11 +61,16 @@ pub struct Bridge {
 
 impl Bridge {
     pub fn new(cli: Cli, channel: Channel, listeners: Vec<Listener>) -> Bridge {
+        let newcomers = usize::from(cli.user_shares);
+        let queue = FairShare::with_newcomers(cli.max_waiting, newcomers);
+        let streams = FairShare::with_newcomers(0, newcomers);
         Bridge {
             cli,
             channel,
             listeners,
             waiting: VecDeque::new(),
+            streams,
+            queue,
             to_accept: Vec::new(),
             accept_paused: None,
             stopping: None,
@@ -63,7 +84,7 @@ impl Bridge {
             return;
         }
         loop {
-            let (sock, peer) = match self.listeners[i].accept() {
+            let Accepted { sock, peer, uid } = match self.listeners[i].accept() {
                 Ok(c) => c,
                 Err(e) if would_block(&e) => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -79,60 +100,136 @@ impl Bridge {
                     return;
                 }
             };
+            let uid = match (self.cli.user_shares, uid) {
+                (false, _) => 0,
+                (true, Some(u)) => u,
+                (true, None) => UNKNOWN_USER,
+            };
             let service = self.listeners[i].spec.service.clone();
-            if self.channel.can_open() && self.waiting.is_empty() {
-                self.open(sock, peer, service, registry, now);
-            } else if self.waiting.len() < self.cli.max_waiting {
+            // Those already waiting go first, as far as their parts allow.
+            self.open_waiting(registry, now);
+            if self.channel.can_open() && self.streams.may_take(&uid) {
+                self.open(sock, peer, service, uid, registry, now);
+            } else if self.queue.try_take(&uid).is_ok() {
+                if self.channel.can_open() {
+                    info!(
+                        "client {peer} ({service}) waits: user {} holds its part of {} streams ({} users)",
+                        user(uid),
+                        self.streams.share(),
+                        self.streams.holders()
+                    );
+                }
                 let deadline = now + self.cli.session_wait;
                 self.waiting.push_back(Waiting {
                     deadline,
                     sock,
                     peer,
                     service,
+                    uid,
                     since: now,
                 });
             } else {
                 warn!(
-                    "client {peer} ({service}) reset: {} clients already wait for a session",
+                    "client {peer} ({service}) reset: user {} has its part of the {} places to wait \
+                     ({} waiting in all)",
+                    user(uid),
+                    self.cli.max_waiting,
                     self.waiting.len()
                 );
+                self.forget_if_idle(uid);
                 sock.abort(registry);
             }
         }
     }
 
-    /// Opens waiting clients while the session allows; resets those whose wait is over.
+    /// Opens waiting clients, oldest first, while the session allows and
+    /// their users' parts do; resets those whose wait is over.
     fn open_waiting(&mut self, registry: &Registry, now: Instant) {
-        while self.channel.can_open() {
-            let Some(w) = self.waiting.pop_front() else {
-                break;
-            };
-            self.open(w.sock, w.peer, w.service, registry, now);
+        let mut i = 0;
+        while i < self.waiting.len() && self.channel.can_open() {
+            if !self.streams.may_take(&self.waiting[i].uid) {
+                i += 1;
+                continue;
+            }
+            let w = self.waiting.remove(i).expect("in range");
+            self.queue.release(&w.uid);
+            self.open(w.sock, w.peer, w.service, w.uid, registry, now);
         }
         while self.waiting.front().is_some_and(|w| now >= w.deadline) {
             let w = self.waiting.pop_front().expect("checked");
-            warn!(
-                "client {} ({}) reset: no session with the host within {} ms",
-                w.peer,
-                w.service,
-                (now - w.since).as_millis()
-            );
+            let why = if self.channel.is_established() {
+                format!(
+                    "its user's part of the streams stayed taken for {} ms",
+                    (now - w.since).as_millis()
+                )
+            } else {
+                format!(
+                    "no session with the host within {} ms",
+                    (now - w.since).as_millis()
+                )
+            };
+            warn!("client {} ({}) reset: {why}", w.peer, w.service);
+            self.queue.release(&w.uid);
+            self.forget_if_idle(w.uid);
             w.sock.abort(registry);
         }
     }
 
-    fn open(&mut self, sock: Sock, peer: String, service: String, registry: &Registry, now: Instant) {
-        if let Err((e, sock)) = self
+    fn open(
+        &mut self,
+        sock: Sock,
+        peer: String,
+        service: String,
+        uid: u32,
+        registry: &Registry,
+        now: Instant,
+    ) {
+        if let Err(r) = self.streams.try_take(&uid) {
+            // Callers check may_take first; should the two ever disagree, the
+            // client is reset rather than served beyond its user's part.
+            warn!("client {peer} ({service}) reset: {r:?}");
+            self.forget_if_idle(uid);
+            return sock.abort(registry);
+        }
+        let opened = self
             .channel
-            .open_stream(sock, peer.clone(), service.clone(), now, registry)
-        {
+            .open_stream(sock, peer.clone(), service.clone(), uid, now, registry);
+        if let Err((e, sock)) = opened {
             warn!("client {peer} ({service}) reset: {e}");
+            self.streams.release(&uid);
+            self.forget_if_idle(uid);
             sock.abort(registry);
+        }
+    }
+
+    /// A user with no stream and no waiting client is no longer present:
+    /// its part goes back to the others.
+    fn forget_if_idle(&mut self, uid: u32) {
+        if self.streams.held_by(&uid) == 0 && self.queue.held_by(&uid) == 0 {
+            self.streams.leave(&uid);
+            self.queue.leave(&uid);
+        }
+    }
+
+    /// Streams that closed give their users' parts back; a new session's
+    /// stream limit becomes the room to share.
+    fn settle_streams(&mut self) {
+        for uid in self.channel.take_closed() {
+            self.streams.release(&uid);
+            self.forget_if_idle(uid);
+        }
+        let room = self
+            .channel
+            .info()
+            .map_or(0, |i| i.peer_limits.max_streams as usize);
+        if room != self.streams.room() {
+            self.streams.set_room(room);
         }
     }
 
     fn stop_accepting(&mut self, registry: &Registry) {
         for w in self.waiting.drain(..) {
+            self.queue.release(&w.uid);
             w.sock.abort(registry);
         }
     }
@@ -174,7 +271,9 @@ impl Handler for Bridge {
             }
             self.open_waiting(registry, now);
         }
+        self.settle_streams();
         self.more = self.channel.process(now, registry, &mut NoOpener);
+        self.settle_streams();
         if self.stopping.is_none() {
             self.open_waiting(registry, now);
         }
@@ -202,5 +301,13 @@ impl Handler for Bridge {
         .into_iter()
         .flatten()
         .min()
+    }
+}
+
+fn user(uid: u32) -> String {
+    if uid == UNKNOWN_USER {
+        "unknown".into()
+    } else {
+        uid.to_string()
     }
 }

@@ -51,8 +51,34 @@ pub struct Cli {
           value_delimiter = ';', default_value = "127.0.0.1:5672=amqp", value_parser = parse_listen)]
     pub listen: Vec<ListenSpec>,
 
+    /// Permissions of unix-socket listeners (octal). Connecting needs write
+    /// permission, so the default lets every local user connect, as every
+    /// local user can reach a loopback TCP listener.
+    #[arg(long, value_name = "MODE", env = "VIOS_SOCKET_MODE", default_value = "0666", value_parser = parse_mode)]
+    pub socket_mode: u32,
+
+    /// Owner of unix-socket listeners (a user name or uid) [default: the
+    /// bridge's own user]. Changing it needs privilege.
+    #[arg(long, value_name = "USER", env = "VIOS_SOCKET_OWNER")]
+    pub socket_owner: Option<String>,
+
+    /// Group of unix-socket listeners (a group name or gid) [default: the
+    /// bridge's own group]; with --socket-mode 0660, only its members (and the
+    /// owner) may connect.
+    #[arg(long, value_name = "GROUP", env = "VIOS_SOCKET_GROUP")]
+    pub socket_group: Option<String>,
+
+    /// Share streams and the waiting queue fairly between local users (by
+    /// uid, as the kernel reports it): each user present, and one more who
+    /// may yet come, is guaranteed an equal part, so one user cannot take
+    /// every stream. Set to false where every client runs as one user and
+    /// should have the host's whole stream limit.
+    #[arg(long, value_name = "BOOL", env = "VIOS_USER_SHARES", default_value = "true",
+          value_parser = vios_common::cli::parse_bool, action = clap::ArgAction::Set)]
+    pub user_shares: bool,
+
     /// Allow TCP listeners on addresses other than loopback.
-    #[arg(long, env = "VIOS_ALLOW_REMOTE")]
+    #[arg(long, env = "VIOS_ALLOW_REMOTE", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_remote: bool,
 
     /// How long a client accepted while there is no session waits for one
@@ -120,6 +146,15 @@ fn parse_channel(s: &str) -> Result<ChannelSpec, String> {
     Ok(ChannelSpec::Named(s.to_owned()))
 }
 
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim().trim_start_matches("0o"), 8)
+        .map_err(|_| format!("expected an octal mode such as 0660, got {s:?}"))?;
+    if m > 0o7777 {
+        return Err(format!("mode {s} is out of range (at most 07777)"));
+    }
+    Ok(m)
+}
+
 fn parse_listen(s: &str) -> Result<ListenSpec, String> {
     let s = s.trim();
     let (addr, service) = s
@@ -144,8 +179,15 @@ fn parse_listen(s: &str) -> Result<ListenSpec, String> {
 }
 
 impl Cli {
-    /// Checks what clap cannot: loopback-only TCP unless allowed, no duplicates.
+    /// Checks what clap cannot: loopback-only TCP unless allowed, no
+    /// duplicates, socket owner and group that exist.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(u) = &self.socket_owner {
+            vios_common::sys::user_id(u).map_err(|e| format!("--socket-owner: {e}"))?;
+        }
+        if let Some(g) = &self.socket_group {
+            vios_common::sys::group_id(g).map_err(|e| format!("--socket-group: {e}"))?;
+        }
         for (i, l) in self.listen.iter().enumerate() {
             if let ListenAddr::Tcp(a) = &l.addr {
                 if !a.ip().is_loopback() && !self.allow_remote {

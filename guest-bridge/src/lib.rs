@@ -32,10 +32,11 @@ use vios_common::io::link::Link;
 use vios_common::io::random_seed;
 use vios_common::proto::session::Policy;
 use vios_common::proto::{Config as SessionConfig, Limits, Role, Session};
+use vios_common::sys;
 
 use bridge::{Bridge, LISTENERS};
 use config::Cli;
-use listener::Listener;
+use listener::{Listener, SocketAccess};
 
 /// The channel's link; its connections count up from 1.
 const LINK: Token = Token(0);
@@ -43,9 +44,14 @@ const LINK: Token = Token(0);
 /// Runs until SIGTERM or SIGINT.
 pub fn run(cli: Cli) -> io::Result<()> {
     let mut el = EventLoop::new()?.with_signals(&[SIGTERM, SIGINT, SIGHUP])?;
+    let access = SocketAccess {
+        mode: cli.socket_mode,
+        owner: cli.socket_owner.as_deref().map(sys::user_id).transpose()?,
+        group: cli.socket_group.as_deref().map(sys::group_id).transpose()?,
+    };
     let mut listeners = Vec::new();
     for (i, spec) in cli.listen.iter().enumerate() {
-        let mut l = Listener::bind(spec)
+        let mut l = Listener::bind(spec, &access)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", spec.addr)))?;
         l.register(el.registry(), Token(LISTENERS + i))?;
         info!("listening on {} for service {}", spec.addr, spec.service);

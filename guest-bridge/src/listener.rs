@@ -10,8 +10,45 @@ use socket2::{Domain, SockAddr, Socket, Type};
 use mio::net::{TcpListener, UnixListener};
 use mio::{Interest, Registry, Token};
 use vios_common::io::sock::Sock;
+use vios_common::sys;
 
 use crate::config::{ListenAddr, ListenSpec};
+
+/// Who may connect to a unix-socket listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketAccess {
+    pub mode: u32,
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+}
+
+impl SocketAccess {
+    fn apply(&self, path: &Path) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        if self.owner.is_some() || self.group.is_some() {
+            std::os::unix::fs::chown(path, self.owner, self.group).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot give {} to {:?}:{:?}: {e}",
+                        path.display(),
+                        self.owner,
+                        self.group
+                    ),
+                )
+            })?;
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(self.mode))
+    }
+}
+
+/// A client just accepted.
+#[derive(Debug)]
+pub struct Accepted {
+    pub sock: Sock,
+    pub peer: String,
+    pub uid: Option<u32>,
+}
 
 #[derive(Debug)]
 pub struct Listener {
@@ -27,8 +64,9 @@ enum Sock0 {
 
 impl Listener {
     /// Binds. A unix socket path left behind by a dead bridge is replaced; a
-    /// path that is not a socket, or a socket someone still listens on, is an error.
-    pub fn bind(spec: &ListenSpec) -> io::Result<Listener> {
+    /// path that is not a socket, or a socket someone still listens on, is an
+    /// error. A unix socket then gets `access`'s mode, owner and group.
+    pub fn bind(spec: &ListenSpec, access: &SocketAccess) -> io::Result<Listener> {
         let sock = match &spec.addr {
             ListenAddr::Tcp(a) => Sock0::Tcp(bind_tcp(*a)?),
             ListenAddr::Unix(path) => {
@@ -47,7 +85,9 @@ impl Listener {
                     }
                     std::fs::remove_file(path)?;
                 }
-                Sock0::Unix(bind_unix(path)?)
+                let l = bind_unix(path)?;
+                access.apply(path)?;
+                Sock0::Unix(l)
             }
         };
         Ok(Listener {
@@ -63,29 +103,50 @@ impl Listener {
         }
     }
 
-    /// One accepted client and a printable peer address. The socket aborts on
-    /// close from the start (see `Sock::abort_on_close`); a client whose
-    /// socket cannot is closed at once, before a byte flows, and skipped.
-    pub fn accept(&self) -> io::Result<(Sock, String)> {
+    /// One accepted client: its socket, a printable peer address, and the
+    /// user it belongs to as the kernel says (`SO_PEERCRED` for unix
+    /// sockets, the owner of the client's socket for loopback TCP), or
+    /// `None` if the kernel cannot tell. The socket aborts on close from the
+    /// start (see `Sock::abort_on_close`); a client whose socket cannot is
+    /// closed at once, before a byte flows, and skipped.
+    pub fn accept(&self) -> io::Result<Accepted> {
         loop {
-            let (sock, peer) = self.accept_raw()?;
-            match sock.abort_on_close() {
-                Ok(()) => return Ok((sock, peer)),
-                Err(e) => log::warn!("client {peer} closed at once: its socket cannot abort: {e}"),
+            let c = self.accept_raw()?;
+            match c.sock.abort_on_close() {
+                Ok(()) => return Ok(c),
+                Err(e) => log::warn!("client {} closed at once: its socket cannot abort: {e}", c.peer),
             }
         }
     }
 
-    fn accept_raw(&self) -> io::Result<(Sock, String)> {
+    fn accept_raw(&self) -> io::Result<Accepted> {
         match &self.sock {
             Sock0::Tcp(l) => {
                 let (s, peer) = l.accept()?;
                 let _ = s.set_nodelay(true);
-                Ok((Sock::Tcp(s), peer.to_string()))
+                let uid = s
+                    .local_addr()
+                    .and_then(|local| sys::tcp_socket_uid(peer, local))
+                    .map_err(|e| log::debug!("client {peer}: user unknown: {e}"))
+                    .ok();
+                Ok(Accepted {
+                    sock: Sock::Tcp(s),
+                    peer: peer.to_string(),
+                    uid,
+                })
             }
             Sock0::Unix(l) => {
                 let (s, _) = l.accept()?;
-                Ok((Sock::Unix(s), self.spec.addr.to_string()))
+                let uid = sys::unix_peer_uid(&s).ok();
+                let peer = match uid {
+                    Some(u) => format!("{} (uid {u})", self.spec.addr),
+                    None => self.spec.addr.to_string(),
+                };
+                Ok(Accepted {
+                    sock: Sock::Unix(s),
+                    peer,
+                    uid,
+                })
             }
         }
     }

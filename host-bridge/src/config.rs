@@ -58,7 +58,7 @@ pub struct Cli {
 
     /// Also scan libvirt's channel directories (/run/libvirt/qemu/channel and
     /// /var/lib/libvirt/qemu/channel/target).
-    #[arg(long, env = "VIOS_LIBVIRT")]
+    #[arg(long, env = "VIOS_LIBVIRT", value_parser = clap::builder::BoolishValueParser::new())]
     pub libvirt: bool,
 
     /// Which socket names in a guest directory are Vios channels (`*` and `?`
@@ -119,6 +119,15 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", env = "VIOS_MAX_BUFFERED", default_value = "64M", value_parser = parse_bytes)]
     pub max_buffered: u64,
 
+    /// Kernel send and receive buffer (SO_SNDBUF, SO_RCVBUF) of each socket
+    /// to a service. Linux reserves twice this for bookkeeping, so a service
+    /// that stops reading parks at most about 2x this in the host's kernel
+    /// per stream, besides what the host holds itself. 0: the kernel's
+    /// auto-tuning (up to several MiB per socket).
+    #[arg(long, value_name = "BYTES", env = "VIOS_SERVICE_BUFFER", default_value = "256K",
+          value_parser = parse_u32_size)]
+    pub service_buffer: u32,
+
     /// Stream sockets open at once over all guests [default: as many as the
     /// open-files limit allows once channels, event loops and directory scans
     /// have their reserve: 64 + 1/64 of the limit]. The soft open-files limit
@@ -165,6 +174,22 @@ pub struct Cli {
     /// Reset a stream after this long without a byte either way. 0: never.
     #[arg(long, value_name = "DURATION", env = "VIOS_STREAM_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
     pub stream_idle_timeout: Duration,
+
+    /// Quiet streams one guest may keep: streams that moved fewer than
+    /// --quiet-bytes either way in their last --quiet-window. A byte now and
+    /// then would otherwise hold a stream (and its service connection)
+    /// forever; past this many, the streams quiet longest are reset with
+    /// TIMEOUT. 0: no limit.
+    #[arg(long, value_name = "N", env = "VIOS_MAX_QUIET_STREAMS", default_value_t = 128)]
+    pub max_quiet_streams: u32,
+
+    /// The window of the quiet-stream rule (see --max-quiet-streams).
+    #[arg(long, value_name = "DURATION", env = "VIOS_QUIET_WINDOW", default_value = "5m", value_parser = parse_quiet_window)]
+    pub quiet_window: Duration,
+
+    /// Bytes a stream must move in a --quiet-window not to count as quiet.
+    #[arg(long, value_name = "BYTES", env = "VIOS_QUIET_BYTES", default_value = "1K", value_parser = parse_bytes)]
+    pub quiet_bytes: u64,
 
     /// Reset a stream that stays half-closed this long. 0: never.
     #[arg(long, value_name = "DURATION", env = "VIOS_HALF_CLOSED_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
@@ -223,6 +248,17 @@ fn parse_service(s: &str) -> Result<ServiceSpec, String> {
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
     parse_size(s)
+}
+
+fn parse_quiet_window(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!(
+            "{} ms is too short for a quiet window (at least 1s)",
+            d.as_millis()
+        ));
+    }
+    Ok(d)
 }
 
 fn parse_u32_size(s: &str) -> Result<u32, String> {

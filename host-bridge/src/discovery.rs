@@ -18,11 +18,21 @@ use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
+use vios_common::io::link::SocketId;
+
 /// libvirt's channel directories, newer then older.
 pub const LIBVIRT_DIRS: [&str; 2] = [
     "/run/libvirt/qemu/channel",
     "/var/lib/libvirt/qemu/channel/target",
 ];
+
+/// A channel socket: where it is and, when found on disk, which socket it
+/// is (the host reconnects to the path only while it is that socket).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChannelAt {
+    pub path: PathBuf,
+    pub id: Option<SocketId>,
+}
 
 /// A guest found on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,7 +40,7 @@ pub struct Found {
     /// Name for logs: the directory name without a libvirt `<id>-` prefix.
     pub name: String,
     /// Channel sockets, sorted.
-    pub sockets: Vec<PathBuf>,
+    pub sockets: Vec<ChannelAt>,
 }
 
 /// What one scan saw. A directory that could not be read (out of
@@ -62,7 +72,7 @@ impl Scan {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Dir,
-    Socket,
+    Socket(SocketId),
     Other,
 }
 
@@ -126,7 +136,11 @@ fn list(dir: &Path) -> io::Result<Vec<(OsString, Kind)>> {
         let kind = if t.is_dir() {
             Kind::Dir
         } else if t.is_socket() {
-            Kind::Socket
+            match SocketId::of(&entry.path()) {
+                Ok(id) => Kind::Socket(id),
+                // Gone or replaced since the listing: not a channel now.
+                Err(_) => Kind::Other,
+            }
         } else {
             Kind::Other
         };
@@ -135,11 +149,16 @@ fn list(dir: &Path) -> io::Result<Vec<(OsString, Kind)>> {
     Ok(v)
 }
 
-fn channel_sockets(dir: &Path, pattern: &str, list: &Lister) -> io::Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = list(dir)?
+fn channel_sockets(dir: &Path, pattern: &str, list: &Lister) -> io::Result<Vec<ChannelAt>> {
+    let mut v: Vec<ChannelAt> = list(dir)?
         .into_iter()
-        .filter(|(name, kind)| *kind == Kind::Socket && glob_match(pattern, &name.to_string_lossy()))
-        .map(|(name, _)| dir.join(name))
+        .filter_map(|(name, kind)| match kind {
+            Kind::Socket(id) if glob_match(pattern, &name.to_string_lossy()) => Some(ChannelAt {
+                path: dir.join(name),
+                id: Some(id),
+            }),
+            _ => None,
+        })
         .collect();
     v.sort();
     Ok(v)
@@ -225,9 +244,14 @@ mod tests {
         assert_eq!(found.len(), 2, "{found:?}");
         let vm1 = &found[&libvirt.join("7-vm1")];
         assert_eq!(vm1.name, "vm1");
-        assert_eq!(vm1.sockets, vec![libvirt.join("7-vm1/org.qpid.vios.0")]);
+        let paths = |f: &Found| f.sockets.iter().map(|c| c.path.clone()).collect::<Vec<_>>();
+        assert_eq!(paths(vm1), vec![libvirt.join("7-vm1/org.qpid.vios.0")]);
         assert_eq!(
-            found[&proxy.join("vm2")].sockets,
+            vm1.sockets[0].id,
+            Some(SocketId::of(&libvirt.join("7-vm1/org.qpid.vios.0")).unwrap())
+        );
+        assert_eq!(
+            paths(&found[&proxy.join("vm2")]),
             vec![proxy.join("vm2/org.qpid.vios.1")]
         );
         // A missing top-level directory is a failure, not an empty one.
@@ -251,7 +275,14 @@ mod tests {
             Ok(if dir == Path::new("/guests") {
                 vec![("1-vm1".into(), Kind::Dir), ("2-vm2".into(), Kind::Dir)]
             } else {
-                vec![("org.qpid.vios.0".into(), Kind::Socket)]
+                vec![(
+                    "org.qpid.vios.0".into(),
+                    Kind::Socket(SocketId {
+                        dev: 1,
+                        ino: 2,
+                        uid: 0,
+                    }),
+                )]
             })
         };
         let s = scan_with(&dirs, "org.qpid.vios.*", &ok);

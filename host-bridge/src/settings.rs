@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vios_common::io::limits::{Descriptors, StreamTimeouts};
+use vios_common::io::limits::{Descriptors, QuietRule, StreamTimeouts};
 use vios_common::proto::session::Policy;
 use vios_common::proto::Limits;
 
@@ -25,6 +25,9 @@ pub struct Settings {
     pub timeouts: StreamTimeouts,
     /// End a session whose guest reads nothing for this long.
     pub write_stall: Option<Duration>,
+    /// SO_SNDBUF and SO_RCVBUF of service sockets (`None`: the kernel's
+    /// auto-tuning).
+    pub service_buffer: Option<usize>,
 }
 
 impl Settings {
@@ -55,8 +58,14 @@ impl Settings {
             timeouts: StreamTimeouts {
                 idle: nonzero(cli.stream_idle_timeout),
                 half_closed: nonzero(cli.half_closed_timeout),
+                quiet: (cli.max_quiet_streams > 0).then_some(QuietRule {
+                    window: cli.quiet_window,
+                    bytes: cli.quiet_bytes,
+                    max: cli.max_quiet_streams as usize,
+                }),
             },
             write_stall: nonzero(cli.write_stall_timeout),
+            service_buffer: (cli.service_buffer > 0).then_some(cli.service_buffer as usize),
         }
     }
 }

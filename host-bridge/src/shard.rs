@@ -13,7 +13,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -30,6 +29,7 @@ use vios_common::io::random_seed;
 use vios_common::io::slab::Slab;
 use vios_common::proto::{Config as SessionConfig, Role, Session};
 
+use crate::discovery::ChannelAt;
 use crate::services::ServiceOpener;
 use crate::settings::Settings;
 
@@ -43,12 +43,12 @@ pub enum Command {
     AddGuest {
         id: u64,
         name: String,
-        sockets: Vec<PathBuf>,
+        sockets: Vec<ChannelAt>,
     },
     /// Serve exactly these channel sockets of guest `id`: new ones are
     /// connected, channels no longer listed have their streams reset and are
     /// closed.
-    SetChannels { id: u64, sockets: Vec<PathBuf> },
+    SetChannels { id: u64, sockets: Vec<ChannelAt> },
     /// The guest is gone: reset its streams, close its channels.
     RemoveGuest { id: u64 },
     /// GOAWAY on every channel, then reset what remains after `grace`, and
@@ -122,7 +122,7 @@ struct GuestState {
 
 struct Slot {
     guest: u64,
-    path: PathBuf,
+    at: ChannelAt,
     channel: Channel,
     /// The deadline this slot has in `timers`.
     timer: Option<Instant>,
@@ -216,12 +216,14 @@ impl Shard {
         }
     }
 
-    fn set_channels(&mut self, id: u64, sockets: &[PathBuf], registry: &Registry, now: Instant) {
+    /// Serves exactly `sockets` for guest `id`. A channel whose socket was
+    /// replaced on disk (same path, another inode) is a new channel.
+    fn set_channels(&mut self, id: u64, sockets: &[ChannelAt], registry: &Registry, now: Instant) {
         let Some(g) = self.guests.get_mut(&id) else { return };
         let (slots, timers) = (&mut self.slots, &mut self.timers);
         let (keep, gone): (Vec<usize>, Vec<usize>) = g.slots.iter().partition(|&&k| {
-            let path = &slots.get(k).expect("guest's slot").path;
-            sockets.contains(path)
+            let at = &slots.get(k).expect("guest's slot").at;
+            sockets.contains(at)
         });
         g.slots = keep;
         for key in gone {
@@ -233,14 +235,12 @@ impl Shard {
             slot.channel.finish_shutdown(now, registry);
         }
         let mut added = Vec::new();
-        for path in sockets {
-            let known = g
-                .slots
-                .iter()
-                .any(|&k| slots.get(k).is_some_and(|s| &s.path == path));
+        for at in sockets {
+            let known = g.slots.iter().any(|&k| slots.get(k).is_some_and(|s| &s.at == at));
             if known {
                 continue;
             }
+            let path = &at.path;
             let key = slots.next_key();
             if key >= (FIRST_RESERVED >> CONN_TOKEN_BITS) {
                 log::error!(
@@ -250,10 +250,10 @@ impl Shard {
                 );
                 continue;
             }
-            let channel = new_channel(&self.settings, &g.name, &g.budget, path, key, now);
+            let channel = new_channel(&self.settings, &g.name, &g.budget, at, key, now);
             let got = slots.insert(Slot {
                 guest: id,
-                path: path.clone(),
+                at: at.clone(),
                 channel,
                 timer: None,
                 touched: false,
@@ -286,10 +286,11 @@ fn new_channel(
     settings: &Settings,
     guest: &str,
     budget: &Arc<Budget>,
-    path: &std::path::Path,
+    at: &ChannelAt,
     key: usize,
     now: Instant,
 ) -> Channel {
+    let path = &at.path;
     let version = env!("CARGO_PKG_VERSION");
     let mut cfg = SessionConfig::new(Role::Host, format!("vios-host-bridge {version}"));
     cfg.limits = settings.limits;
@@ -301,6 +302,10 @@ fn new_channel(
         now,
     )
     .with_descriptors(settings.fds.clone());
+    let link = match at.id {
+        Some(id) => link.expecting(id),
+        None => link,
+    };
     let port = path
         .file_name()
         .map_or_else(String::new, |f| f.to_string_lossy().into_owned());

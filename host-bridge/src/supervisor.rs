@@ -17,7 +17,7 @@ use vios_common::io::event_loop::{Handler, Turn};
 use vios_common::io::link::REPORT_AGAIN;
 
 use crate::config::Cli;
-use crate::discovery;
+use crate::discovery::{self, ChannelAt};
 use crate::settings::Settings;
 use crate::shard::{self, Command, ShardHandle};
 
@@ -34,7 +34,7 @@ enum Origin {
 struct Guest {
     id: u64,
     name: String,
-    sockets: Vec<PathBuf>,
+    sockets: Vec<ChannelAt>,
     shard: usize,
 }
 
@@ -75,7 +75,12 @@ impl Supervisor {
             done: false,
         };
         for g in sup.cli.guests.clone() {
-            sup.add(Origin::Static(g.name.clone()), g.name, g.sockets);
+            let sockets = g
+                .sockets
+                .into_iter()
+                .map(|path| ChannelAt { path, id: None })
+                .collect();
+            sup.add(Origin::Static(g.name.clone()), g.name, sockets);
         }
         Ok(sup)
     }
@@ -98,7 +103,7 @@ impl Supervisor {
         }
     }
 
-    fn add(&mut self, origin: Origin, name: String, sockets: Vec<PathBuf>) {
+    fn add(&mut self, origin: Origin, name: String, sockets: Vec<ChannelAt>) {
         let id = self.next_id;
         self.next_id += 1;
         let shard = self.least_loaded();
@@ -136,7 +141,8 @@ impl Supervisor {
             let origin = Origin::Dir(dir.clone());
             match self.guests.get_mut(&origin) {
                 Some(g) if g.sockets != f.sockets => {
-                    info!("guest {}: channels now {:?}", f.name, f.sockets);
+                    let paths: Vec<_> = f.sockets.iter().map(|c| c.path.display().to_string()).collect();
+                    info!("guest {}: channels now {paths:?}", f.name);
                     g.sockets = f.sockets.clone();
                     let (shard, id) = (g.shard, g.id);
                     self.send(

@@ -70,6 +70,14 @@ pub struct Conn {
     pub last_active: Instant,
     /// When one direction finished (FIN sent or received) without the other.
     pub half_closed_since: Option<Instant>,
+    /// The quiet rule's window: when it began and the bytes moved by then.
+    pub window_start: Instant,
+    pub window_bytes: u64,
+    /// Since when the stream is quiet (counted in the guest's budget).
+    pub quiet_since: Option<Instant>,
+    /// (guest) The local user the stream belongs to, reported back when it
+    /// closes.
+    pub owner: Option<u32>,
 }
 
 /// The result of writing to the socket.
@@ -114,6 +122,10 @@ impl Conn {
             dirty: false,
             last_active: now,
             half_closed_since: None,
+            window_start: now,
+            window_bytes: 0,
+            quiet_since: None,
+            owner: None,
         })
     }
 

@@ -3,10 +3,11 @@
 //! per guest), stream timeouts, and how many stream log lines it may cause
 //! per second.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use super::share::{FairShare, ShareRefusal};
 
 /// Every descriptor the process holds, counted against its open-files limit.
 ///
@@ -17,11 +18,10 @@ use std::time::{Duration, Instant};
 /// channel, or the next scan, needs: at the limit streams are refused with
 /// `RESOURCE_LIMIT`, nothing else fails.
 ///
-/// Stream descriptors are shared fairly between guests: each of `G` guests
-/// is guaranteed `room / G` of them. A guest may use more while others do
-/// not need theirs, but never what others are still owed: a guest past its
-/// share takes a descriptor only if, after it, every other guest could still
-/// reach its share.
+/// Stream descriptors are shared fairly between guests ([`FairShare`]): each
+/// of `G` guests, and a guest yet to come, is guaranteed `room / (G + 1)` of
+/// them. A guest may use more while others do not need theirs, but never
+/// what others are still owed.
 #[derive(Debug)]
 pub struct Descriptors {
     limit: usize,
@@ -29,28 +29,7 @@ pub struct Descriptors {
     /// Most stream descriptors at once (`--max-fds`), within the limit.
     max_streams: usize,
     used: AtomicUsize,
-    shares: Mutex<Shares>,
-}
-
-/// Who holds the stream descriptors.
-#[derive(Debug, Default)]
-struct Shares {
-    /// Stream descriptors each guest holds.
-    held: HashMap<u64, usize>,
-    total: usize,
-    /// What the guests below their share are still owed, in all.
-    owed: usize,
-}
-
-impl Shares {
-    fn fair(&self, room: usize) -> usize {
-        room / self.held.len().max(1)
-    }
-
-    fn recount(&mut self, room: usize) {
-        let fair = self.fair(room);
-        self.owed = self.held.values().map(|&h| fair.saturating_sub(h)).sum();
-    }
+    shares: Mutex<FairShare<u64>>,
 }
 
 /// Why a stream descriptor was refused.
@@ -68,7 +47,8 @@ impl std::fmt::Display for FdRefusal {
             FdRefusal::Exhausted { max } => write!(f, "descriptor limit of {max} streams reached"),
             FdRefusal::Share { share, guests } => write!(
                 f,
-                "guest holds its share of {share} stream descriptors ({guests} guests) and the rest is owed to others"
+                "guest holds its share of {share} stream descriptors ({guests} guests and room for one more) \
+                 and the rest is owed to others"
             ),
         }
     }
@@ -90,7 +70,7 @@ impl Descriptors {
             reserve,
             max_streams: max_streams.map_or(room, |m| m.min(room)),
             used: AtomicUsize::new(base),
-            shares: Mutex::new(Shares::default()),
+            shares: Mutex::new(FairShare::new(max_streams.map_or(room, |m| m.min(room)))),
         }
     }
 
@@ -101,7 +81,7 @@ impl Descriptors {
             reserve: 0,
             max_streams: usize::MAX,
             used: AtomicUsize::new(0),
-            shares: Mutex::new(Shares::default()),
+            shares: Mutex::new(FairShare::new(usize::MAX)),
         }
     }
 
@@ -124,69 +104,45 @@ impl Descriptors {
         debug_assert!(prev >= n, "released {n} of {prev} descriptors");
     }
 
-    fn shares(&self) -> std::sync::MutexGuard<'_, Shares> {
+    fn shares(&self) -> std::sync::MutexGuard<'_, FairShare<u64>> {
         self.shares.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A guest that will hold stream descriptors: from now on the room is
-    /// shared with it too.
+    /// A guest that will hold stream descriptors: from now on its share is
+    /// guaranteed.
     pub fn add_guest(&self, guest: u64) {
-        let mut sh = self.shares();
-        sh.held.entry(guest).or_insert(0);
-        sh.recount(self.max_streams);
+        self.shares().join(guest);
     }
 
     /// A guest that is gone (its streams were released first).
     pub fn remove_guest(&self, guest: u64) {
         let mut sh = self.shares();
-        if let Some(held) = sh.held.remove(&guest) {
-            debug_assert_eq!(held, 0, "guest {guest} removed holding {held} streams");
-            sh.total -= held;
-        }
-        sh.recount(self.max_streams);
+        debug_assert_eq!(sh.held_by(&guest), 0, "guest {guest} removed holding streams");
+        sh.leave(&guest);
     }
 
     /// Counts one stream descriptor for `guest`, unless that would touch the
     /// reserve, pass `--max-fds`, or take what other guests are owed.
     pub fn take_stream(&self, guest: u64) -> Result<(), FdRefusal> {
-        let room = self.max_streams;
         let mut sh = self.shares();
-        let guests = sh.held.len().max(1);
-        let fair = sh.fair(room);
-        let held = sh.held.get(&guest).copied().unwrap_or(0);
-        if sh.total >= room {
-            return Err(FdRefusal::Exhausted { max: room });
-        }
-        let free_after = room - sh.total - 1;
-        // Below its share a guest only uses what it is owed; above it, it may
-        // borrow only what nobody is owed.
-        if held >= fair && free_after < sh.owed {
-            return Err(FdRefusal::Share { share: fair, guests });
-        }
+        sh.try_take(&guest).map_err(|r| match r {
+            ShareRefusal::Full { room } => FdRefusal::Exhausted { max: room },
+            ShareRefusal::Share { share, holders } => FdRefusal::Share {
+                share,
+                guests: holders,
+            },
+        })?;
         if !self.take(1, self.limit.saturating_sub(self.reserve)) {
-            return Err(FdRefusal::Exhausted { max: room });
+            sh.release(&guest);
+            return Err(FdRefusal::Exhausted {
+                max: self.max_streams,
+            });
         }
-        if held < fair {
-            sh.owed -= 1;
-        }
-        *sh.held.entry(guest).or_insert(0) += 1;
-        sh.total += 1;
         Ok(())
     }
 
     pub fn release_stream(&self, guest: u64) {
-        let mut sh = self.shares();
-        let fair = sh.fair(self.max_streams);
-        if let Some(held) = sh.held.get_mut(&guest) {
-            debug_assert!(*held > 0);
-            *held -= 1;
-            let now_held = *held;
-            sh.total -= 1;
-            if now_held < fair {
-                sh.owed += 1;
-            }
-        }
-        drop(sh);
+        self.shares().release(&guest);
         self.release_infra(1);
     }
 
@@ -208,12 +164,12 @@ impl Descriptors {
 
     /// Stream descriptors held by all guests.
     pub fn streams(&self) -> usize {
-        self.shares().total
+        self.shares().total()
     }
 
     /// Stream descriptors `guest` holds.
     pub fn streams_of(&self, guest: u64) -> usize {
-        self.shares().held.get(&guest).copied().unwrap_or(0)
+        self.shares().held_by(&guest)
     }
 }
 
@@ -244,6 +200,8 @@ pub struct Budget {
     max_buffered: usize,
     streams: AtomicUsize,
     max_streams: usize,
+    /// Streams of the guest that are quiet now (see [`QuietRule`]).
+    quiet: AtomicUsize,
     fds: Arc<Descriptors>,
 }
 
@@ -259,8 +217,23 @@ impl Budget {
             max_buffered,
             streams: AtomicUsize::new(0),
             max_streams,
+            quiet: AtomicUsize::new(0),
             fds,
         }
+    }
+
+    /// A stream of the guest became quiet (`true`) or active again.
+    pub fn set_quiet(&self, quiet: bool) {
+        if quiet {
+            self.quiet.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.quiet.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Quiet streams of the guest over all its channels.
+    pub fn quiet(&self) -> usize {
+        self.quiet.load(Ordering::Relaxed)
     }
 
     /// No limits (the guest side, where the peer is the trusted host).
@@ -335,6 +308,22 @@ pub struct StreamTimeouts {
     pub idle: Option<Duration>,
     /// One direction finished and the stream not done this long after.
     pub half_closed: Option<Duration>,
+    /// How many quiet streams a guest may keep.
+    pub quiet: Option<QuietRule>,
+}
+
+/// Quiet streams: a byte now and then keeps a stream from the idle timeout,
+/// so a guest could hold its streams (and the services' connections) forever
+/// at almost no cost. A stream is *quiet* while fewer than `bytes` moved
+/// either way in its last `window`; a guest may keep `max` quiet streams,
+/// and past that the ones quiet longest are reset with `TIMEOUT`. Quiet
+/// streams that are legitimate (an AMQP connection between heartbeats) are
+/// kept up to the limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuietRule {
+    pub window: Duration,
+    pub bytes: u64,
+    pub max: usize,
 }
 
 /// Lets through at most `per_sec` lines a second and counts the rest.
@@ -410,10 +399,10 @@ mod tests {
     fn streams_stop_at_the_reserve_and_infrastructure_at_the_scan_room() {
         // 2000 descriptors, 10 open: a reserve of 64 + 31 is kept from streams.
         let d = Descriptors::new(2000, 10, None);
-        d.add_guest(1);
         assert_eq!(d.reserve(), 95);
+        // A stream each for ever more guests: only the limit stops them.
         let mut streams = 0;
-        while d.take_stream(1).is_ok() {
+        while d.take_stream(streams as u64).is_ok() {
             streams += 1;
         }
         assert_eq!(streams, 2000 - 95 - 10);
@@ -436,59 +425,23 @@ mod tests {
     }
 
     #[test]
-    fn a_guest_beyond_its_share_never_takes_what_others_are_owed() {
-        let d = ledger(100_000, Some(100));
-        for g in 1..=4 {
-            d.add_guest(g);
-        }
-        // Alone in using them, guest 1 may borrow the idle guests' shares,
-        // but not what they are owed: their 3 × 25 stay free.
-        let mut hog = 0;
-        while d.take_stream(1).is_ok() {
-            hog += 1;
-        }
-        assert_eq!(hog, 25);
-        assert_eq!(d.take_stream(1), Err(FdRefusal::Share { share: 25, guests: 4 }));
-        // Every neighbour still gets its whole share.
-        for g in 2..=4 {
-            for _ in 0..25 {
-                d.take_stream(g).unwrap();
-            }
-        }
-        assert_eq!(d.streams(), 100);
-        assert_eq!(d.take_stream(2), Err(FdRefusal::Exhausted { max: 100 }));
-        // A guest that leaves gives its share to the others.
-        for _ in 0..25 {
-            d.release_stream(4);
-        }
-        d.remove_guest(4);
-        assert!((0..8).all(|_| d.take_stream(1).is_ok()));
-        assert!((0..8).all(|_| d.take_stream(2).is_ok()));
-        assert!((0..8).all(|_| d.take_stream(3).is_ok()));
-        // 33 each; the one left over is nobody's: the first to ask gets it.
-        assert!(d.take_stream(3).is_ok());
-        assert_eq!(d.take_stream(3), Err(FdRefusal::Exhausted { max: 100 }));
-    }
-
-    #[test]
-    fn idle_shares_are_lent_while_nobody_needs_them() {
-        let d = ledger(100_000, Some(100));
+    fn a_hogging_guest_leaves_its_neighbours_their_share() {
+        let d = ledger(100_000, Some(300));
         d.add_guest(1);
         d.add_guest(2);
-        // Guest 2 is owed 50; guest 1 may use the other 50.
-        assert_eq!((0..100).filter(|_| d.take_stream(1).is_ok()).count(), 50);
-        // Guest 2 uses 10: guest 1 may borrow nothing more (40 still owed).
-        for _ in 0..10 {
-            d.take_stream(2).unwrap();
-        }
-        assert!(d.take_stream(1).is_err());
-        // Guest 1 gives 20 back: it is below its share now, so of the 60
-        // free, guest 2 gets the 40 up to its own share and not the 20 guest 1
-        // is owed.
-        for _ in 0..20 {
-            d.release_stream(1);
-        }
-        assert_eq!((0..100).filter(|_| d.take_stream(2).is_ok()).count(), 40);
+        let hog = (0..300).filter(|_| d.take_stream(1).is_ok()).count();
+        assert_eq!(hog, 100, "a third: guest 2's third and a newcomer's stay free");
+        assert!(matches!(
+            d.take_stream(1),
+            Err(FdRefusal::Share {
+                share: 100,
+                guests: 2
+            })
+        ));
+        assert_eq!((0..300).filter(|_| d.take_stream(2).is_ok()).count(), 100);
+        // A guest arriving later still finds streams.
+        d.add_guest(3);
+        assert!((0..75).all(|_| d.take_stream(3).is_ok()));
     }
 
     #[test]

@@ -58,6 +58,42 @@ impl std::fmt::Display for ChannelSpec {
     }
 }
 
+/// What a channel socket on disk is: its file's device and inode, and its
+/// owner. The host reconnects to a discovered path only while it is still
+/// this very socket, so a path swapped for another socket or a symlink by
+/// someone who can write the directory is not followed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SocketId {
+    pub dev: u64,
+    pub ino: u64,
+    pub uid: u32,
+}
+
+impl SocketId {
+    /// The socket at `path` itself (a symlink there is an error, not
+    /// followed).
+    pub fn of(path: &Path) -> io::Result<SocketId> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let m = fs::symlink_metadata(path)?;
+        if !m.file_type().is_socket() {
+            let what = if m.file_type().is_symlink() {
+                "a symlink"
+            } else {
+                "not a socket"
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is {what}", path.display()),
+            ));
+        }
+        Ok(SocketId {
+            dev: m.dev(),
+            ino: m.ino(),
+            uid: m.uid(),
+        })
+    }
+}
+
 /// The device node of the virtio-serial port named `name`: the udev symlink
 /// `/dev/virtio-ports/NAME` if present, else the `vportNpM` whose sysfs `name`
 /// attribute matches.
@@ -128,6 +164,8 @@ pub struct Link {
     fds: Arc<Descriptors>,
     /// (unix socket) Registered for WRITABLE too: a write blocked.
     write_interest: bool,
+    /// (unix socket) Connect only while the path is this socket.
+    expected: Option<SocketId>,
 }
 
 impl Link {
@@ -146,7 +184,15 @@ impl Link {
             closing: false,
             fds: Arc::new(Descriptors::unlimited()),
             write_interest: false,
+            expected: None,
         }
+    }
+
+    /// (unix socket) Connects only while the path is the socket `id` (as
+    /// discovered), owned by the user of the process listening on it.
+    pub fn expecting(mut self, id: SocketId) -> Link {
+        self.expected = Some(id);
+        self
     }
 
     /// Counts the channel's descriptor in `fds`: without room there, a
@@ -258,10 +304,36 @@ impl Link {
     fn open_counted(&self, registry: &Registry) -> io::Result<Io> {
         match &self.spec {
             ChannelSpec::Unix(path) => {
+                // Never through a symlink; with an identity, only to it.
+                let id = SocketId::of(path)?;
+                if let Some(want) = self.expected {
+                    if id != want {
+                        return Err(io::Error::other(format!(
+                            "{} is no longer the socket discovered (inode {} owner {}, was inode {} owner {}); \
+                             waiting for the next scan",
+                            path.display(),
+                            id.ino,
+                            id.uid,
+                            want.ino,
+                            want.uid
+                        )));
+                    }
+                }
                 let mut s = UnixStream::connect(path)?;
                 // A unix connect completes at once or fails; make sure it did.
                 if let Some(e) = s.take_error()? {
                     return Err(e);
+                }
+                // The process listening there runs as the socket's owner: a
+                // path swapped between the check and the connect is caught.
+                if let Ok(peer) = crate::sys::unix_peer_uid(&s) {
+                    if peer != id.uid {
+                        return Err(io::Error::other(format!(
+                            "{}: the listener runs as uid {peer}, the socket belongs to uid {}",
+                            path.display(),
+                            id.uid
+                        )));
+                    }
                 }
                 // Writes are tried at once; WRITABLE is asked for only while
                 // one is blocked (see `write`).
@@ -457,6 +529,43 @@ impl Drop for Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_is_known_by_its_inode_and_a_symlink_is_not_followed() {
+        let dir = std::env::temp_dir().join(format!("vios-sockid-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ch.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let id = SocketId::of(&path).unwrap();
+        assert_eq!(SocketId::of(&path).unwrap(), id);
+        let link = dir.join("link.sock");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let e = SocketId::of(&link).unwrap_err();
+        assert!(e.to_string().contains("a symlink"), "{e}");
+        // Replaced by another socket on the same path: another identity, and
+        // a link that expects the first refuses to connect.
+        fs::remove_file(&path).unwrap();
+        let _l2 = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let id2 = SocketId::of(&path).unwrap();
+        assert_ne!(id2, id);
+        let poll = mio::Poll::new().unwrap();
+        let now = Instant::now();
+        let mut l = Link::new(ChannelSpec::Unix(path.clone()), Token(0), now).expecting(id);
+        let mut s = Session::new(crate::proto::Config::new(crate::proto::Role::Host, "t"), 1);
+        match l.handle_timeout(now, poll.registry(), &mut s) {
+            Some(LinkNews::Failed { error, .. }) => {
+                assert!(error.contains("no longer the socket"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut l = Link::new(ChannelSpec::Unix(path), Token(0), now).expecting(id2);
+        assert_eq!(
+            l.handle_timeout(now, poll.registry(), &mut s),
+            Some(LinkNews::Connected)
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn resolves_names_through_sysfs() {

@@ -13,6 +13,8 @@
 //!   a daemon plugs in a [`event_loop::Handler`].
 //! - [`limits`]: what a guest may hold (bytes, descriptors), the descriptor
 //!   ledger of the process, stream timeouts, log rate limits.
+//! - [`share`]: fair shares of a limited room between holders that come and
+//!   go (descriptors per guest, stream slots per local user).
 //! - [`slab`]: stable keys for connections, so a key is a token.
 
 pub mod channel;
@@ -20,6 +22,7 @@ pub mod conn;
 pub mod event_loop;
 pub mod limits;
 pub mod link;
+pub mod share;
 pub mod slab;
 pub mod sock;
 

@@ -10,6 +10,8 @@ pub mod rate;
 pub mod rng;
 pub mod session;
 pub mod text;
+#[cfg(test)]
+mod vectors;
 
 pub use code::Code;
 pub use frame::StreamId;

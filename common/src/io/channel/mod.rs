@@ -155,6 +155,10 @@ pub struct Channel {
     stalled: Option<(Instant, u64)>,
     /// Streams carried over the channel's life, and opens refused by code.
     pub counters: Counters,
+    /// Owners of streams closed since the last [`Channel::take_closed`].
+    closed: Vec<u32>,
+    /// Stale refusals already logged.
+    stale_refusals: u64,
 }
 
 /// What a channel counts over its life (for status and metrics).
@@ -186,7 +190,15 @@ impl Channel {
             session_log: LogLimiter::new(SESSION_LOG_PER_SEC),
             stalled: None,
             counters: Counters::default(),
+            closed: Vec::new(),
+            stale_refusals: 0,
         }
+    }
+
+    /// (guest) The owners of the streams that closed since the last call,
+    /// one entry per stream.
+    pub fn take_closed(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.closed)
     }
 
     // ---- getters ----
@@ -236,12 +248,14 @@ impl Channel {
 
     // ---- streams ----
 
-    /// (guest) Opens a stream to `service` for an accepted client socket.
+    /// (guest) Opens a stream to `service` for an accepted client socket of
+    /// local user `owner`; [`Channel::take_closed`] reports it when it closes.
     pub fn open_stream(
         &mut self,
         sock: Sock,
         peer: String,
         service: String,
+        owner: u32,
         now: Instant,
         registry: &Registry,
     ) -> Result<StreamId, (OpenStreamError, Sock)> {
@@ -267,6 +281,7 @@ impl Channel {
         );
         if let Err(e) = self.add_conn(registry, conn, now) {
             self.cfg.budget.release_stream();
+            self.closed.push(owner);
             self.session
                 .reset(stream, Code::ResourceLimit, "guest could not register the socket");
             self.stream_log(
@@ -302,9 +317,13 @@ impl Channel {
             self.connecting
                 .push_back((now + self.cfg.connect_timeout, key, stream));
         }
-        let timeouts = self.cfg.timeouts;
-        if (timeouts.idle.is_some() || timeouts.half_closed.is_some()) && self.next_sweep.is_none() {
-            self.next_sweep = Some(now + streams::SWEEP_EVERY);
+        let t = self.cfg.timeouts;
+        let first = [t.idle, t.half_closed, t.quiet.map(|q| q.window)]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(d) = first {
+            self.sweep_by(now + d);
         }
         Ok(())
     }
@@ -395,6 +414,16 @@ impl Channel {
         }
         self.dispatch(now, registry, opener);
         self.check_stall(now);
+        let stale = self.session.stats().stale_refusals;
+        if stale > self.stale_refusals {
+            let n = stale - self.stale_refusals;
+            self.stale_refusals = stale;
+            self.session_log(
+                now,
+                false,
+                format!("ignored {n} refusal(s) that did not echo this side's nonce (stale bytes from before a restart)"),
+            );
+        }
         self.has_work()
     }
 
@@ -553,6 +582,7 @@ impl Channel {
                     let conn = self.conns.get_mut(key).expect("mapped key");
                     conn.peer_fin = true;
                     conn.note_half_close(now);
+                    self.half_closed(now);
                     self.flush_conn(key, registry, now);
                 }
             }
@@ -660,6 +690,9 @@ impl Drop for Channel {
     fn drop(&mut self) {
         for key in self.conns.keys().collect::<Vec<_>>() {
             let conn = self.conns.remove(key).expect("listed");
+            if conn.quiet_since.is_some() {
+                self.cfg.budget.set_quiet(false);
+            }
             self.cfg.budget.release_buffer(conn.reserved);
             self.cfg.budget.release_stream();
         }

@@ -2,7 +2,7 @@
 //! reading what the channel should carry, the buffer budget, interest,
 //! timeouts, and the one closing line per stream.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::{Registry, Token};
 
@@ -13,8 +13,6 @@ use crate::proto::{Code, Role, StreamId};
 
 /// Socket reads per turn before the loop looks at other work.
 const READS_PER_TURN: usize = 512;
-/// How often stream timeouts are checked.
-pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl Channel {
     /// Writes a connection's pending bytes (and half-close) and settles the result.
@@ -139,6 +137,8 @@ impl Channel {
                     self.session.finish(stream);
                     if conn.is_done() {
                         self.drop_conn(key, registry, "finished", true, now);
+                    } else {
+                        self.half_closed(now);
                     }
                 }
                 Ok(n) => {
@@ -177,31 +177,54 @@ impl Channel {
         }
     }
 
-    /// Resets streams that made no progress for the idle timeout, or stayed
-    /// half-closed for the half-closed timeout.
+    /// The stream timeouts and the quiet rule. Runs at the earliest moment
+    /// one of them could apply to some stream (so an idle channel is not
+    /// woken every second), and schedules the next such moment.
     pub(super) fn sweep(&mut self, now: Instant, registry: &Registry) {
         if self.next_sweep.is_none_or(|t| now < t) {
             return;
         }
-        self.next_sweep = (!self.conns.is_empty()).then_some(now + SWEEP_EVERY);
         let t = self.cfg.timeouts;
+        let budget = self.cfg.budget.clone();
         let mut expired = Vec::new();
-        for key in self.conns.keys() {
-            let c = self.conns.get(key).expect("listed");
+        let mut quiet = Vec::new();
+        let mut next: Option<Instant> = None;
+        let mut soonest = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
+        for key in self.conns.keys().collect::<Vec<_>>() {
+            let c = self.conns.get_mut(key).expect("listed");
             if c.phase != Phase::Open {
                 continue;
             }
             if let Some(limit) = t.half_closed {
-                if c.half_closed_since
-                    .is_some_and(|s| now.duration_since(s) >= limit)
-                {
-                    expired.push((key, format!("half-closed for {} s", limit.as_secs())));
-                    continue;
+                if let Some(since) = c.half_closed_since {
+                    if now.duration_since(since) >= limit {
+                        expired.push((key, format!("half-closed for {} s", limit.as_secs())));
+                        continue;
+                    }
+                    soonest(since + limit);
                 }
             }
             if let Some(limit) = t.idle {
                 if now.duration_since(c.last_active) >= limit {
                     expired.push((key, format!("idle for {} s", limit.as_secs())));
+                    continue;
+                }
+                soonest(c.last_active + limit);
+            }
+            if let Some(rule) = t.quiet {
+                if now.duration_since(c.window_start) >= rule.window {
+                    let total = c.bytes_in + c.bytes_out;
+                    let is_quiet = total - c.window_bytes < rule.bytes;
+                    if is_quiet != c.quiet_since.is_some() {
+                        budget.set_quiet(is_quiet);
+                        c.quiet_since = is_quiet.then_some(c.window_start);
+                    }
+                    c.window_start = now;
+                    c.window_bytes = total;
+                }
+                soonest(c.window_start + rule.window);
+                if let Some(since) = c.quiet_since {
+                    quiet.push((since, key));
                 }
             }
         }
@@ -210,6 +233,39 @@ impl Channel {
             self.session.reset(stream, Code::Timeout, &why);
             self.drop_conn(key, registry, &format!("reset: TIMEOUT: {why}"), false, now);
         }
+        if let Some(rule) = t.quiet {
+            // Over the guest's limit: this channel's streams quiet longest go
+            // first, until the guest is back within it.
+            quiet.sort_unstable();
+            for (_, key) in quiet {
+                if budget.quiet() <= rule.max {
+                    break;
+                }
+                let stream = self.conns.get(key).expect("listed").stream;
+                let why = format!(
+                    "quiet (under {} bytes in {} s) beyond the guest's {} quiet streams",
+                    rule.bytes,
+                    rule.window.as_secs(),
+                    rule.max
+                );
+                self.session.reset(stream, Code::Timeout, &why);
+                self.drop_conn(key, registry, &format!("reset: TIMEOUT: {why}"), false, now);
+            }
+        }
+        self.next_sweep = next;
+    }
+
+    /// A stream became half-closed: the sweep must run when its timeout
+    /// could expire.
+    pub(super) fn half_closed(&mut self, now: Instant) {
+        if let Some(limit) = self.cfg.timeouts.half_closed {
+            self.sweep_by(now + limit);
+        }
+    }
+
+    /// Makes sure the sweep runs by `at`.
+    pub(super) fn sweep_by(&mut self, at: Instant) {
+        self.next_sweep = Some(self.next_sweep.map_or(at, |t| t.min(at)));
     }
 
     /// Removes a connection, frees what it held, and logs its closing line.
@@ -225,6 +281,12 @@ impl Channel {
             return;
         };
         self.by_stream.remove(&conn.stream);
+        if let Some(owner) = conn.owner {
+            self.closed.push(owner);
+        }
+        if conn.quiet_since.is_some() {
+            self.cfg.budget.set_quiet(false);
+        }
         self.cfg.budget.release_buffer(conn.reserved);
         self.cfg.budget.release_stream();
         let secs = now.saturating_duration_since(conn.opened).as_secs_f64();

@@ -45,7 +45,21 @@ pub enum Mode {
     NoDrain,
     /// Random bytes at full speed after the first handshake.
     Garbage,
+    /// GOAWAY(NO_ERROR) right after each establishment, then a new handshake.
+    GoawayChurn,
+    /// From the first byte: HELLO candidates (magic, the largest length, and
+    /// fields that pass every cheap check) every 70 bytes, never a valid one.
+    MagicSpray,
+    /// Peer text that tries to forge log lines: a HELLO identity, RESET and
+    /// GOAWAY texts holding line breaks, escape sequences and a fake log line.
+    ForgeLog,
+    /// --streams streams to --service, then one byte on each every second:
+    /// enough to dodge an idle timeout, far too little to be real traffic.
+    Trickle,
 }
+
+/// What forge-log writes into every text it controls.
+pub const FORGED: &str = "x\nFORGED guest good org.qpid.vios.0: session established\r\x1b[2K\u{2028}FORGED";
 
 impl Mode {
     pub fn name(self) -> &'static str {
@@ -65,6 +79,10 @@ impl Mode {
             Mode::BadNames => "bad-names",
             Mode::NoDrain => "no-drain",
             Mode::Garbage => "garbage",
+            Mode::GoawayChurn => "goaway-churn",
+            Mode::MagicSpray => "magic-spray",
+            Mode::ForgeLog => "forge-log",
+            Mode::Trickle => "trickle",
         }
     }
 
@@ -83,6 +101,11 @@ impl Mode {
     /// Whether the socket is read once the session is established.
     pub fn reads(self) -> bool {
         !matches!(self, Mode::PingFlood | Mode::NoDrain)
+    }
+
+    /// Whether the mode never handshakes at all (its bytes from the start).
+    pub fn never_handshakes(self) -> bool {
+        self == Mode::MagicSpray
     }
 }
 
@@ -123,6 +146,9 @@ struct Totals {
     rehellos: u64,
     /// Sessions in which the attack ran to its end (million-opens: all opens sent).
     completed: u64,
+    goaways: u64,
+    candidates: u64,
+    trickled: u64,
 }
 
 pub struct Attack {
@@ -149,6 +175,10 @@ pub struct Attack {
     outcomes: Vec<BTreeMap<String, u64>>,
     // garbage
     sessions_seen: u64,
+    /// trickle: when the next byte goes out on every stream.
+    next_trickle: Option<Instant>,
+    /// The initial window we declared (no-drain tops credit up from it).
+    pub our_window: u32,
     t: Totals,
 }
 
@@ -184,6 +214,8 @@ impl Attack {
             pending: None,
             outcomes,
             sessions_seen: 0,
+            next_trickle: None,
+            our_window: OUR_INITIAL_WINDOW,
             t: Totals::default(),
         }
     }
@@ -202,16 +234,23 @@ impl Attack {
         self.block.clear();
         self.pending = None;
         self.next_hello = Some(est.since + self.p.interval);
+        self.next_trickle = None;
     }
 
     /// Whether to handshake again once a session has ended.
     pub fn rehandshake(&self) -> bool {
-        !(self.p.mode == Mode::Garbage && self.sessions_seen > 0)
+        !(self.p.mode.never_handshakes() || self.p.mode == Mode::Garbage && self.sessions_seen > 0)
     }
 
-    /// second-hello: whether to send a fresh HELLO now.
+    /// second-hello, goaway-churn: whether to send a fresh HELLO now.
     pub fn wants_rehello(&mut self, now: Instant) -> bool {
-        if self.p.mode != Mode::SecondHello || self.next_hello.is_none_or(|t| now < t) {
+        if !matches!(self.p.mode, Mode::SecondHello | Mode::GoawayChurn) {
+            return false;
+        }
+        if self.p.mode == Mode::GoawayChurn && !self.setup_done {
+            return false;
+        }
+        if self.next_hello.is_none_or(|t| now < t) {
             return false;
         }
         self.next_hello = None;
@@ -222,9 +261,19 @@ impl Attack {
     /// When the attack needs the loop to come back without I/O.
     pub fn timer(&self) -> Option<Instant> {
         match self.p.mode {
-            Mode::SecondHello => self.next_hello,
+            Mode::SecondHello | Mode::GoawayChurn => self.next_hello,
             Mode::BadNames => self.pending.map(|(_, _, at)| at + ANSWER_TIMEOUT),
+            Mode::Trickle => self.next_trickle,
             _ => None,
+        }
+    }
+
+    /// The identity our HELLOs carry.
+    pub fn identity(&self) -> &'static str {
+        if self.p.mode == Mode::ForgeLog {
+            FORGED
+        } else {
+            "vios-hostile"
         }
     }
 
@@ -281,6 +330,15 @@ impl Attack {
             if self.p.mode == Mode::Garbage {
                 let n = target.saturating_sub(out.pending());
                 self.random(out, n);
+            }
+            if self.p.mode == Mode::MagicSpray {
+                if self.block.is_empty() {
+                    self.build_block(std::iter::repeat_with(spray_candidate).take(1024));
+                }
+                while out.pending() < target {
+                    self.push_block(out);
+                    self.t.candidates += self.block_n;
+                }
             }
             return;
         };
@@ -454,17 +512,84 @@ impl Attack {
                 if !self.setup_done {
                     self.setup_done = true;
                     // Credit just below 2^31-1 in all.
-                    let increment = Limits::MAX_WINDOW - OUR_INITIAL_WINDOW - 1;
+                    let increment = Limits::MAX_WINDOW.saturating_sub(self.our_window + 1);
                     for _ in 0..self.p.streams {
                         let stream = self.open(out, tag, &service);
-                        out.frame(tag, &Frame::Credit { stream, increment });
-                        self.t.credits += 1;
+                        if increment > 0 {
+                            out.frame(tag, &Frame::Credit { stream, increment });
+                            self.t.credits += 1;
+                        }
                     }
                 }
             }
             Mode::Garbage => {
                 let n = target.saturating_sub(out.pending());
                 self.random(out, n);
+            }
+            Mode::GoawayChurn => {
+                if !self.setup_done {
+                    self.setup_done = true;
+                    out.frame(
+                        tag,
+                        &Frame::GoAway {
+                            code: Code::NoError,
+                            drain_ms: 0,
+                            text: "bye",
+                        },
+                    );
+                    self.t.goaways += 1;
+                    // A new handshake as soon as the GOAWAY is out.
+                    self.next_hello = Some(now);
+                }
+            }
+            Mode::MagicSpray => {}
+            Mode::ForgeLog => {
+                if !self.setup_done {
+                    self.setup_done = true;
+                    for _ in 0..3 {
+                        let s = self.open(out, tag, &service);
+                        out.frame(
+                            tag,
+                            &Frame::Reset {
+                                stream: s,
+                                code: Code::Aborted,
+                                text: FORGED,
+                            },
+                        );
+                        self.t.resets += 1;
+                    }
+                    out.frame(
+                        tag,
+                        &Frame::GoAway {
+                            code: Code::NoError,
+                            drain_ms: 0,
+                            text: FORGED,
+                        },
+                    );
+                    self.t.goaways += 1;
+                }
+            }
+            Mode::Trickle => {
+                if !self.setup_done {
+                    self.setup_done = true;
+                    for _ in 0..self.p.streams {
+                        self.open(out, tag, &service);
+                    }
+                    self.next_trickle = Some(now);
+                }
+                if self.next_trickle.is_some_and(|t| now >= t) {
+                    self.next_trickle = Some(now + Duration::from_secs(1));
+                    for id in 1..=self.highest {
+                        out.frame(
+                            tag,
+                            &Frame::Data {
+                                stream: StreamId(id),
+                                payload: b".",
+                            },
+                        );
+                        self.t.trickled += 1;
+                    }
+                }
             }
         }
     }
@@ -558,10 +683,37 @@ impl Attack {
                     .collect();
                 j.raw_array("names", &items);
             }
+            Mode::GoawayChurn => {
+                j.u64("goaways_queued", t.goaways).u64("fresh_hellos", t.rehellos);
+            }
+            Mode::MagicSpray => {
+                j.u64("candidates_queued", t.candidates);
+            }
+            Mode::ForgeLog => {
+                j.u64("resets_queued", t.resets).u64("goaways_queued", t.goaways);
+            }
+            Mode::Trickle => {
+                j.u64("trickle_frames_queued", t.trickled);
+            }
             Mode::Idle | Mode::SlowHello => {}
         }
         j
     }
+}
+
+/// One HELLO candidate of magic-spray: the magic, the largest length, a
+/// version range, the guest role, a non-zero nonce and no text, so that only
+/// the CRC (over 1030 bytes) can tell it is no HELLO; 70 bytes, so the next
+/// candidate starts inside this one's CRC range.
+fn spray_candidate() -> Vec<u8> {
+    let mut c = vec![0u8; 70];
+    c[..8].copy_from_slice(&vios_common::proto::hello::MAGIC);
+    c[8..10].copy_from_slice(&1024u16.to_be_bytes());
+    c[10] = 1;
+    c[11] = 1;
+    c[12] = 1;
+    c[14..30].fill(0x55);
+    c
 }
 
 fn encode(tag: u16, f: &Frame<'_>) -> Vec<u8> {

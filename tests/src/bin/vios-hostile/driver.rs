@@ -12,7 +12,7 @@ use log::{info, warn};
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 use vios_common::proto::frame::{decode, Decoded, Frame};
-use vios_common::proto::hello::{find_magic, Hello, HelloParse, Role, MAGIC, NO_NONCE};
+use vios_common::proto::hello::{find_magic, Hello, HelloParse, Limits, Role, MAGIC, NO_NONCE};
 use vios_common::proto::rng::SplitMix64;
 use vios_common::proto::session::{Config, Event, Session};
 use vios_common::proto::{Code, EndReason};
@@ -88,6 +88,11 @@ pub struct Driver {
     our_max_frame: usize,
     /// Stop once this many sessions were established (and their HELLOs written).
     pub max_sessions: Option<u64>,
+    /// Declare the largest frame payload and window the protocol allows.
+    pub declare_max: bool,
+    /// Written once the attack begins (the first session, or the first
+    /// connection for modes that never handshake).
+    pub started_file: Option<std::path::PathBuf>,
 }
 
 impl Driver {
@@ -122,11 +127,22 @@ impl Driver {
             closed: None,
             our_max_frame: Config::new(Role::Guest, IDENTITY).limits.max_frame_payload as usize,
             max_sessions: None,
+            declare_max: false,
+            started_file: None,
         })
     }
 
     pub fn attack(&self) -> &Attack {
         &self.attack
+    }
+
+    /// Tells whoever waits that the attack is under way (once).
+    fn mark_started(&mut self) {
+        if let Some(f) = self.started_file.take() {
+            if let Err(e) = std::fs::write(&f, "started\n") {
+                warn!("cannot write {}: {e}", f.display());
+            }
+        }
     }
 
     /// Runs until `deadline` or SIGTERM/SIGINT.
@@ -251,13 +267,17 @@ impl Driver {
                     sent: 0,
                     next: now,
                 };
+                self.mark_started();
             }
             Mode::Idle => {
                 let mut s = self.new_session(now);
                 drain_tx(&mut s, &mut self.out, &mut self.stats);
                 self.phase = Phase::Managed(s);
             }
-            _ if !self.attack.rehandshake() => self.phase = Phase::Passive,
+            _ if self.attack.mode().never_handshakes() || !self.attack.rehandshake() => {
+                self.phase = Phase::Passive;
+                self.mark_started();
+            }
             _ => self.start_handshake(now),
         }
     }
@@ -276,11 +296,21 @@ impl Driver {
         self.writable = false;
     }
 
+    /// The guest config our sessions run with.
+    fn config(&self) -> Config {
+        let mut c = Config::new(Role::Guest, self.attack.identity());
+        if self.declare_max {
+            c.limits.max_frame_payload = Limits::MAX_FRAME_PAYLOAD;
+            c.limits.initial_window = Limits::MAX_WINDOW;
+        }
+        c
+    }
+
     fn new_session(&mut self, now: Instant) -> Box<Session> {
-        let mut s = Box::new(Session::new(
-            Config::new(Role::Guest, IDENTITY),
-            self.rng.next_u64(),
-        ));
+        let cfg = self.config();
+        self.our_max_frame = cfg.limits.max_frame_payload as usize;
+        self.attack.our_window = cfg.limits.initial_window;
+        let mut s = Box::new(Session::new(cfg, self.rng.next_u64()));
         s.link_up(now);
         self.stats.handshakes += 1;
         s
@@ -445,6 +475,7 @@ impl Driver {
             self.attack.on_established(&est);
             self.phase = Phase::Raw(est);
             self.desynced = false;
+            self.mark_started();
         }
         (p + len, true)
     }
@@ -455,6 +486,9 @@ impl Driver {
         };
         let used = feed(s, avail);
         pump_managed(s, &mut self.out, &mut self.stats, now);
+        if self.stats.sessions > 0 {
+            self.mark_started();
+        }
         (used, used > 0)
     }
 

@@ -133,6 +133,17 @@ struct Cli {
     #[arg(long, value_name = "N")]
     max_sessions: Option<u64>,
 
+    /// Declare the largest frame payload (16 MiB) and initial window
+    /// (2^31-1) the protocol allows, as a guest trying to make the host
+    /// allocate would.
+    #[arg(long)]
+    declare_max: bool,
+
+    /// Write "started" to this file once the attack begins: the first
+    /// session, or the first connection for modes that never handshake.
+    #[arg(long, value_name = "PATH")]
+    started_file: Option<PathBuf>,
+
     /// Write the socket path (one line) to this file once listening.
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,
@@ -212,6 +223,8 @@ fn main() {
         }
     };
     driver.max_sessions = cli.max_sessions;
+    driver.declare_max = cli.declare_max;
+    driver.started_file = cli.started_file.clone();
     let start = driver.stats.start;
     let deadline = if cli.seconds == 0.0 {
         start + Duration::from_secs(100 * 365 * 86400)
