@@ -1,11 +1,15 @@
 //! The command line and environment of `vios-host-bridge`.
 
 use std::collections::HashSet;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+
+use crate::identity::Prefix;
+use crate::policy::AllowRule;
+pub use crate::services::ServiceSpec;
 use vios_common::cli::{parse_duration, parse_frame, parse_idle, parse_size, parse_window, split_named};
 use vios_common::proto::session::{
     DEFAULT_CONTROL_RATE, DEFAULT_FRAME_RATE, DEFAULT_OPEN_RATE, DEFAULT_SCAN_BYTES_PER_SEC,
@@ -81,11 +85,41 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", env = "VIOS_RESCAN", default_value = "5s", value_parser = parse_duration)]
     pub rescan: Duration,
 
-    /// A service guests may open, and the address it maps to. Repeatable; in
-    /// the environment, separate services with ';'.
-    #[arg(short, long = "service", value_name = "NAME=HOST:PORT", env = "VIOS_SERVICES",
-          value_delimiter = ';', value_parser = parse_service, required = true)]
+    /// A service guests may open, and the address(es) it maps to:
+    /// NAME=HOST:PORT[|HOST:PORT...][,proxy=v2][,pick=order|round-robin][,loopback=ok].
+    /// Several addresses make a clustered service: new streams go to one that
+    /// answers (in order, or round-robin), failed ones are skipped for a
+    /// while. proxy=v2 sends a PROXY protocol v2 header with the guest's
+    /// identity address before any guest byte. loopback=ok says a loopback
+    /// address is intended (see "Trust" below). Repeatable; in the
+    /// environment, separate services with ';'.
+    #[arg(short, long = "service", value_name = "NAME=ADDR[,OPTION...]", env = "VIOS_SERVICES",
+          value_delimiter = ';', value_parser = crate::services::parse_service, required = true)]
     pub services: Vec<ServiceSpec>,
+
+    /// Which services guests whose name matches PATTERN may open (`*` and
+    /// `?` wildcards; SERVICE `*` for all). Rules add up; without any rule
+    /// every guest may open every service. A stream to a service a guest may
+    /// not open is refused with NOT_PERMITTED. Repeatable; in the
+    /// environment, separate rules with ';'.
+    #[arg(long = "allow", value_name = "PATTERN=SERVICE[,SERVICE...]", env = "VIOS_ALLOW",
+          value_delimiter = ';', value_parser = crate::policy::parse_allow)]
+    pub allow: Vec<AllowRule>,
+
+    /// The identity address of a guest in PROXY headers (never used for
+    /// traffic). Repeatable; in the environment, separate with ';'. Guests
+    /// without one get an address derived from their name (--identity-prefix).
+    #[arg(long = "guest-address", value_name = "NAME=ADDRESS", env = "VIOS_GUEST_ADDRESSES",
+          value_delimiter = ';', value_parser = parse_guest_address)]
+    pub guest_addresses: Vec<(String, IpAddr)>,
+
+    /// Where guests' identity addresses are derived from: the prefix, then
+    /// the 64-bit FNV-1a hash of the guest's name in the low bits. The
+    /// default is a unique-local IPv6 prefix, so an identity never looks like
+    /// a real host.
+    #[arg(long, value_name = "PREFIX/LEN", env = "VIOS_IDENTITY_PREFIX",
+          default_value = crate::identity::DEFAULT_PREFIX, value_parser = Prefix::parse)]
+    pub identity_prefix: Prefix,
 
     /// Streams one guest may have open at once (over all its channels).
     #[arg(long, value_name = "N", env = "VIOS_MAX_STREAMS", default_value_t = 1024,
@@ -212,12 +246,6 @@ pub struct GuestSpec {
     pub sockets: Vec<PathBuf>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceSpec {
-    pub name: String,
-    pub addr: SocketAddr,
-}
-
 fn parse_guest(s: &str) -> Result<GuestSpec, String> {
     let (name, list) = split_named(s.trim(), "guest", "NAME=SOCKET[,SOCKET...]")?;
     let sockets: Vec<PathBuf> = list.split(',').map(|p| PathBuf::from(p.trim())).collect();
@@ -233,17 +261,20 @@ fn parse_guest(s: &str) -> Result<GuestSpec, String> {
     })
 }
 
-fn parse_service(s: &str) -> Result<ServiceSpec, String> {
-    let (name, addr) = split_named(s.trim(), "service", "NAME=HOST:PORT")?;
-    let addr = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {addr:?} of service {name} (expected HOST:PORT): {e}"))?
-        .next()
-        .ok_or_else(|| format!("{addr:?} of service {name} resolves to no address"))?;
-    Ok(ServiceSpec {
-        name: name.to_owned(),
-        addr,
-    })
+fn parse_guest_address(s: &str) -> Result<(String, IpAddr), String> {
+    let (name, addr) = s
+        .trim()
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=ADDRESS, got {s:?} (no '=')"))?;
+    let ip: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} of guest {name} is not an IP address"))?;
+    if ip.is_loopback() || ip.is_unspecified() {
+        return Err(format!(
+            "{ip} for guest {name}: an identity must not look like the host itself"
+        ));
+    }
+    Ok((name.to_owned(), ip))
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -346,7 +377,7 @@ mod tests {
             cli.guests[0].sockets,
             vec![PathBuf::from("/run/a"), PathBuf::from("/run/b")]
         );
-        assert_eq!(cli.services[0].addr, "127.0.0.1:5672".parse().unwrap());
+        assert_eq!(cli.services[0].addrs, vec!["127.0.0.1:5672".parse().unwrap()]);
         assert_eq!(cli.window, 64 * 1024);
         assert_eq!(cli.idle_timeout, Duration::from_secs(15));
     }

@@ -21,6 +21,8 @@
 
 pub mod config;
 pub mod discovery;
+pub mod identity;
+pub mod policy;
 pub mod services;
 pub mod settings;
 pub mod shard;
@@ -29,7 +31,7 @@ pub mod supervisor;
 use std::io;
 use std::sync::Arc;
 
-use log::info;
+use log::{info, warn};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use vios_common::io::event_loop::EventLoop;
 use vios_common::io::limits::Descriptors;
@@ -61,7 +63,24 @@ pub fn run(cli: Cli) -> io::Result<()> {
         settings.limits.max_streams, settings.max_buffered
     );
     for s in &settings.services {
-        info!("service {} -> {}", s.name, s.addr);
+        let spec = &s.spec;
+        let addrs: Vec<String> = spec.addrs.iter().map(ToString::to_string).collect();
+        let proxy = if spec.proxy { " with PROXY v2 headers" } else { "" };
+        info!("service {} -> {}{proxy}", spec.name, addrs.join(" | "));
+        if let Some(a) = spec.addrs.iter().find(|a| a.ip().is_loopback()) {
+            if !spec.loopback_ok {
+                warn!(
+                    "service {} maps to {a}, a loopback address: a broker that trusts local \
+                     connections (RabbitMQ's loopback_users, its guest account) trusts every guest \
+                     as local. Give guests a listener on a non-loopback host address, or add \
+                     ,loopback=ok to the service if this is intended (see docs/OPERATIONS.md)",
+                    spec.name
+                );
+            }
+        }
+    }
+    for r in &settings.allow {
+        info!("guests {:?} may open {}", r.guests, r.services.join(", "));
     }
     for d in cli.scan_dirs() {
         info!(

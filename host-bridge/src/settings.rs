@@ -8,11 +8,23 @@ use vios_common::io::limits::{Descriptors, QuietRule, StreamTimeouts};
 use vios_common::proto::session::Policy;
 use vios_common::proto::Limits;
 
-use crate::config::{Cli, ServiceSpec};
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use crate::config::Cli;
+use crate::identity::Prefix;
+use crate::policy::AllowRule;
+use crate::services::Service;
 
 #[derive(Debug)]
 pub struct Settings {
-    pub services: Vec<ServiceSpec>,
+    pub services: Vec<Service>,
+    /// Which guests may open which services (none: all may open all).
+    pub allow: Vec<AllowRule>,
+    /// Identity addresses the operator assigned, by guest name.
+    pub addresses: HashMap<String, IpAddr>,
+    /// Where the other guests' identities come from.
+    pub identity_prefix: Prefix,
     pub limits: Limits,
     pub policy: Policy,
     pub handshake_timeout: Duration,
@@ -34,7 +46,10 @@ impl Settings {
     pub fn new(cli: &Cli, fds: Arc<Descriptors>) -> Settings {
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Settings {
-            services: cli.services.clone(),
+            services: cli.services.iter().cloned().map(Service::new).collect(),
+            allow: cli.allow.clone(),
+            addresses: cli.guest_addresses.iter().cloned().collect(),
+            identity_prefix: cli.identity_prefix,
             limits: Limits {
                 max_frame_payload: cli.max_frame,
                 initial_window: cli.window,
@@ -67,5 +82,13 @@ impl Settings {
             write_stall: nonzero(cli.write_stall_timeout),
             service_buffer: (cli.service_buffer > 0).then_some(cli.service_buffer as usize),
         }
+    }
+
+    /// The identity address of guest `name`: assigned, or derived.
+    pub fn identity(&self, name: &str) -> IpAddr {
+        self.addresses
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| self.identity_prefix.derive(name))
     }
 }

@@ -115,6 +115,8 @@ pub fn spawn(index: usize, settings: Arc<Settings>) -> io::Result<ShardHandle> {
 
 struct GuestState {
     name: String,
+    /// Its identity address in PROXY headers.
+    identity: std::net::IpAddr,
     budget: Arc<Budget>,
     /// Keys of its channels in `slots`.
     slots: Vec<usize>,
@@ -123,6 +125,8 @@ struct GuestState {
 struct Slot {
     guest: u64,
     at: ChannelAt,
+    /// The channel's port name (the socket's file name).
+    port: String,
     channel: Channel,
     /// The deadline this slot has in `timers`.
     timer: Option<Instant>,
@@ -185,11 +189,16 @@ impl Shard {
                     s.limits.max_streams as usize,
                     s.fds.clone(),
                 ));
-                info!("guest {name}: serving {} channel(s)", sockets.len());
+                let identity = s.identity(&name);
+                info!(
+                    "guest {name}: serving {} channel(s); identity {identity}",
+                    sockets.len()
+                );
                 self.guests.insert(
                     id,
                     GuestState {
                         name,
+                        identity,
                         budget,
                         slots: Vec::new(),
                     },
@@ -251,9 +260,13 @@ impl Shard {
                 continue;
             }
             let channel = new_channel(&self.settings, &g.name, &g.budget, at, key, now);
+            let port = path
+                .file_name()
+                .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
             let got = slots.insert(Slot {
                 guest: id,
                 at: at.clone(),
+                port,
                 channel,
                 timer: None,
                 touched: false,
@@ -275,7 +288,12 @@ impl Shard {
         let Some(g) = self.guests.get(&slot.guest) else {
             return false;
         };
-        let mut opener = ServiceOpener::new(&g.name, &self.settings);
+        let mut opener = ServiceOpener {
+            guest: &g.name,
+            channel: &slot.port,
+            identity: g.identity,
+            settings: &self.settings,
+        };
         let more = slot.channel.process(now, registry, &mut opener);
         self.schedule(key);
         more

@@ -320,7 +320,7 @@ _cluster_wait_member() {
             return 0
         fi
         if ((SECONDS >= deadline)); then
-            _cluster_log "node $viewer does not list $name as running (running: $(echo $running)) (dir $dir)"
+            _cluster_log "node $viewer does not list $name as running (running: ${running//$'\n'/ }) (dir $dir)"
             return 1
         fi
         cluster_alive "$dir" "$n" || { _cluster_log "node $n died (dir $dir)"; return 1; }
@@ -401,7 +401,7 @@ EOF
 # _cluster_create DIR EXTRA_CONF PORT...
 _cluster_create() {
     local IFS=$' \t\n'
-    local dir extra=$2 t0 p q
+    local dir extra=$2 t0 p
     t0=$(date +%s.%N)
     local ports=("${@:3}")
     local count=${#ports[@]}
@@ -540,7 +540,8 @@ cluster_single_start() {
     _cluster_create "$1" "${3:-}" "$2"
 }
 
-# _cluster_my_ids -> our own session and process group (never signalled)
+# _cluster_guard_sid SID -> SID, or nothing if it is our own session /
+# process group (never signalled)
 _cluster_guard_sid() {
     local sid=$1 my_sid my_pgid
     my_sid=$(ps -o sid= -p $$ 2>/dev/null | tr -dc '0-9' || true)
@@ -552,8 +553,7 @@ _cluster_guard_sid() {
     fi
 }
 
-# _cluster_node_pids DIR N -> "beam launch sid" and, on the next line,
-# the descendants of beam and launcher
+# _cluster_node_targets DIR N -> the descendants of node N's VM and launcher
 _cluster_node_targets() {
     local nd=$1/n$2 beam launch
     beam=$(cat -- "$nd/run/BEAM_PID" 2>/dev/null || true)
@@ -661,7 +661,7 @@ cluster_stop() {
     local dir=${1:-}
     [[ -n $dir && -d $dir/run ]] || return 0
     local count n nd beam launch sid p
-    local -a beams=() targets=() desc=() sids=() stopped=()
+    local -a targets=() desc=() sids=() stopped=()
     count=$(_cluster_nodes "$dir")
     ((count > 0)) || count=2
     for ((n = 1; n <= count; n++)); do

@@ -78,6 +78,13 @@ pub struct Conn {
     /// (guest) The local user the stream belongs to, reported back when it
     /// closes.
     pub owner: Option<u32>,
+    /// (host) The service address being connected to, and which attempt
+    /// this is (the next address after a failure).
+    pub addr: Option<std::net::SocketAddr>,
+    pub attempt: usize,
+    /// Bytes at the front of `pending` that are not stream data (a PROXY
+    /// header): written first, never counted as data or credit.
+    preamble_left: usize,
 }
 
 /// The result of writing to the socket.
@@ -126,7 +133,25 @@ impl Conn {
             window_bytes: 0,
             quiet_since: None,
             owner: None,
+            addr: None,
+            attempt: 0,
+            preamble_left: 0,
         })
+    }
+
+    /// Puts `bytes` (a PROXY header) in front of everything else the socket
+    /// will get, replacing an earlier preamble not yet written.
+    pub fn set_preamble(&mut self, bytes: &[u8]) {
+        self.pending.drain(..self.preamble_left);
+        for &b in bytes.iter().rev() {
+            self.pending.push_front(b);
+        }
+        self.preamble_left = bytes.len();
+    }
+
+    /// Bytes of the preamble not yet written.
+    pub fn preamble_left(&self) -> usize {
+        self.preamble_left
     }
 
     /// What the socket should be registered for now.
@@ -160,6 +185,16 @@ impl Conn {
         }
     }
 
+    /// Registers a socket that replaced the one registered before (a retry
+    /// to another address).
+    pub fn register_anew(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        self.registered = None;
+        self.writable = true;
+        self.readable = false;
+        self.closing = false;
+        self.sync_interest(registry, token)
+    }
+
     /// Appends bytes from the channel to `pending` without writing: small
     /// DATA frames are gathered and written once per dispatch.
     pub fn buffer(&mut self, bytes: &[u8]) {
@@ -175,6 +210,11 @@ impl Conn {
 
     pub fn pending_len(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Stream bytes waiting for the socket (the preamble not included).
+    pub fn data_pending(&self) -> usize {
+        self.pending.len() - self.preamble_left
     }
 
     /// Bytes of memory `pending` holds: what the budget counts.
@@ -211,7 +251,10 @@ impl Conn {
             let (front, _) = self.pending.as_slices();
             let part = write_all(&mut self.sock, front, &mut self.writable);
             self.pending.drain(..part.n);
-            w.n += part.n;
+            // The preamble is no stream data: it earns no credit.
+            let pre = part.n.min(self.preamble_left);
+            self.preamble_left -= pre;
+            w.n += part.n - pre;
             w.error = part.error;
         }
         self.bytes_out += w.n as u64;

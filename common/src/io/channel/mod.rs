@@ -40,6 +40,7 @@ mod streams;
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,10 +72,30 @@ pub const MAX_CONNS: usize = (1 << CONN_TOKEN_BITS) - 1;
 
 /// How the host side turns a stream the guest opened into a socket.
 pub trait Opener {
-    /// Starts connecting `stream` to `service`. Returns the socket (its
-    /// connect may still be in progress) and where it leads, or why the open
-    /// is refused.
-    fn open(&mut self, stream: StreamId, service: &str) -> Result<(Sock, String), (Code, String)>;
+    /// Starts connecting `stream` to `service`. `attempt` counts the
+    /// connects of this stream that failed so far: 0 is the first choice,
+    /// 1 the next address of a service that has several, and so on; with no
+    /// address left, the refusal. The connect may still be in progress.
+    fn open(
+        &mut self,
+        stream: StreamId,
+        service: &str,
+        attempt: usize,
+        now: Instant,
+    ) -> Result<Opening, (Code, String)>;
+
+    /// A connect `open` started has finished (`ok`), or failed or timed out.
+    fn connected(&mut self, _service: &str, _addr: SocketAddr, _ok: bool, _now: Instant) {}
+}
+
+/// A connect [`Opener::open`] started.
+#[derive(Debug)]
+pub struct Opening {
+    pub sock: Sock,
+    /// Where it leads (for logs, health and retries).
+    pub addr: Option<SocketAddr>,
+    /// Bytes the service gets before any stream byte (a PROXY header).
+    pub preamble: Vec<u8>,
 }
 
 /// The guest side's [`Opener`]: the host opens no streams in version 1 (the
@@ -82,7 +103,7 @@ pub trait Opener {
 pub struct NoOpener;
 
 impl Opener for NoOpener {
-    fn open(&mut self, _: StreamId, _: &str) -> Result<(Sock, String), (Code, String)> {
+    fn open(&mut self, _: StreamId, _: &str, _: usize, _: Instant) -> Result<Opening, (Code, String)> {
         Err((Code::NotPermitted, "the guest accepts no streams".into()))
     }
 }
@@ -144,8 +165,9 @@ pub struct Channel {
     dirty: Vec<usize>,
     /// Token of the link; connection `k` has `token_base + 1 + k`.
     token_base: usize,
-    /// Connects in progress in start order, hence in deadline order.
-    connecting: VecDeque<(Instant, usize, StreamId)>,
+    /// Connects in progress in start order, hence in deadline order, with
+    /// the attempt each deadline is for.
+    connecting: VecDeque<(Instant, usize, StreamId, usize)>,
     /// When stream timeouts are next checked.
     next_sweep: Option<Instant>,
     log: LogLimiter,
@@ -159,6 +181,12 @@ pub struct Channel {
     closed: Vec<u32>,
     /// Stale refusals already logged.
     stale_refusals: u64,
+    /// (host) Connects that finished since the last turn, for the opener:
+    /// the service, the address, and whether it worked.
+    connects_done: Vec<(String, SocketAddr, bool)>,
+    /// (host) Connections whose connect failed, with why: the opener tries
+    /// the next address or the stream is refused.
+    connects_failed: Vec<(usize, StreamId, String)>,
 }
 
 /// What a channel counts over its life (for status and metrics).
@@ -192,6 +220,8 @@ impl Channel {
             counters: Counters::default(),
             closed: Vec::new(),
             stale_refusals: 0,
+            connects_done: Vec::new(),
+            connects_failed: Vec::new(),
         }
     }
 
@@ -315,7 +345,7 @@ impl Channel {
         self.counters.streams_total += 1;
         if phase == Phase::Connecting {
             self.connecting
-                .push_back((now + self.cfg.connect_timeout, key, stream));
+                .push_back((now + self.cfg.connect_timeout, key, stream, 0));
         }
         let t = self.cfg.timeouts;
         let first = [t.idle, t.half_closed, t.quiet.map(|q| q.window)]
@@ -353,10 +383,10 @@ impl Channel {
                 Ok(false) => return,
                 Ok(true) => self.connected(key, registry, now),
                 Err(e) => {
-                    let text = format!("connect to {}: {e}", conn.peer);
-                    let stream = conn.stream;
-                    self.refuse(stream, Code::Unreachable, &text);
-                    self.drop_conn(key, registry, &format!("refused: {text}"), false, now);
+                    // Tried again with the next address, or refused, in
+                    // `process` where the opener is.
+                    let why = format!("connect to {}: {e}", conn.peer);
+                    self.connects_failed.push((key, conn.stream, why));
                     return;
                 }
             }
@@ -372,6 +402,9 @@ impl Channel {
     fn connected(&mut self, key: usize, registry: &Registry, now: Instant) {
         let conn = self.conns.get_mut(key).expect("live key");
         conn.phase = Phase::Open;
+        if let Some(addr) = conn.addr {
+            self.connects_done.push((conn.service.clone(), addr, true));
+        }
         self.session.accept(conn.stream);
         let local = conn
             .sock
@@ -395,7 +428,8 @@ impl Channel {
         if self.session.poll_timeout().is_some_and(|t| now >= t) {
             self.session.handle_timeout(now);
         }
-        self.expire_connects(now, registry);
+        self.expire_connects(now);
+        self.retry_connects(now, registry, opener);
         self.sweep(now, registry);
         for _ in 0..ROUNDS {
             if let Some(news) = self.link.read(now, registry, &mut self.session) {
@@ -636,8 +670,8 @@ impl Channel {
             self.refuse(stream, Code::ResourceLimit, &text);
             return;
         }
-        let (sock, peer) = match opener.open(stream, &service) {
-            Ok(s) => s,
+        let opening = match opener.open(stream, &service, 0, now) {
+            Ok(o) => o,
             Err((code, text)) => {
                 self.cfg.budget.release_stream();
                 self.stream_log(
@@ -648,8 +682,20 @@ impl Channel {
                 return;
             }
         };
-        let added = Conn::new(stream, service.clone(), peer, sock, Phase::Connecting, now)
-            .and_then(|conn| self.add_conn(registry, conn, now));
+        let peer = opening.addr.map_or_else(|| service.clone(), |a| a.to_string());
+        let added = Conn::new(
+            stream,
+            service.clone(),
+            peer,
+            opening.sock,
+            Phase::Connecting,
+            now,
+        )
+        .and_then(|mut conn| {
+            conn.addr = opening.addr;
+            conn.set_preamble(&opening.preamble);
+            self.add_conn(registry, conn, now)
+        });
         if let Err(e) = added {
             self.cfg.budget.release_stream();
             let text = format!("cannot use the socket: {e}");
@@ -658,6 +704,61 @@ impl Channel {
                 &format!("stream {stream} ({service}) refused: RESOURCE_LIMIT: {text}"),
             );
             self.refuse(stream, Code::ResourceLimit, &text);
+        }
+    }
+
+    /// Connects that failed: the next address of the service, or the
+    /// refusal. The stream keeps what the guest sent meanwhile.
+    fn retry_connects(&mut self, now: Instant, registry: &Registry, opener: &mut dyn Opener) {
+        for (service, addr, ok) in self.connects_done.drain(..) {
+            opener.connected(&service, addr, ok, now);
+        }
+        for (key, stream, why) in std::mem::take(&mut self.connects_failed) {
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
+            if conn.phase != Phase::Connecting || conn.stream != stream {
+                continue;
+            }
+            if let Some(addr) = conn.addr {
+                opener.connected(&conn.service, addr, false, now);
+            }
+            let (stream, attempt) = (conn.stream, conn.attempt + 1);
+            let service = conn.service.clone();
+            match opener.open(stream, &service, attempt, now) {
+                Ok(o) => {
+                    let token = Token(self.token_base + 1 + key);
+                    let conn = self.conns.get_mut(key).expect("live key");
+                    let old = std::mem::replace(&mut conn.sock, o.sock);
+                    old.abort(registry);
+                    conn.addr = o.addr;
+                    conn.peer = o.addr.map_or_else(|| service.clone(), |a| a.to_string());
+                    conn.attempt = attempt;
+                    conn.set_preamble(&o.preamble);
+                    let r = conn
+                        .sock
+                        .abort_on_close()
+                        .and_then(|()| conn.register_anew(registry, token));
+                    let line = format!("stream {stream} ({service}): {why}; trying {}", conn.peer);
+                    self.stream_log(now, &line);
+                    self.connecting
+                        .push_back((now + self.cfg.connect_timeout, key, stream, attempt));
+                    if let Err(e) = r {
+                        let text = format!("cannot use the socket: {e}");
+                        self.refuse(stream, Code::ResourceLimit, &text);
+                        self.drop_conn(key, registry, &format!("refused: {text}"), false, now);
+                    }
+                }
+                Err((code, text)) => {
+                    let text = if attempt == 1 {
+                        why.clone()
+                    } else {
+                        format!("{text}; last: {why}")
+                    };
+                    self.refuse(stream, code, &text);
+                    self.drop_conn(key, registry, &format!("refused: {code}: {text}"), false, now);
+                }
+            }
         }
     }
 

@@ -34,7 +34,7 @@ impl Channel {
         now: Instant,
     ) {
         if w.n > 0 {
-            let backlog = self.conns.get(key).map_or(0, |c| c.pending_len());
+            let backlog = self.conns.get(key).map_or(0, |c| c.data_pending());
             self.session.consumed_with_backlog(stream, w.n, backlog);
         }
         if let Some(e) = w.error {
@@ -161,18 +161,19 @@ impl Channel {
         }
     }
 
-    pub(super) fn expire_connects(&mut self, now: Instant, registry: &Registry) {
-        while let Some(&(deadline, key, stream)) = self.connecting.front() {
+    /// Connects that took longer than the connect timeout fail like any
+    /// other (see `retry_connects`).
+    pub(super) fn expire_connects(&mut self, now: Instant) {
+        while let Some(&(deadline, key, stream, attempt)) = self.connecting.front() {
             if now < deadline {
                 break;
             }
             self.connecting.pop_front();
             let Some(conn) = self.conns.get(key) else { continue };
-            if conn.stream == stream && conn.phase == Phase::Connecting {
+            if conn.stream == stream && conn.phase == Phase::Connecting && conn.attempt == attempt {
                 let ms = self.cfg.connect_timeout.as_millis();
-                let text = format!("connect to {}: timed out after {ms} ms", conn.peer);
-                self.refuse(stream, Code::Unreachable, &text);
-                self.drop_conn(key, registry, &format!("refused: {text}"), false, now);
+                let why = format!("connect to {}: timed out after {ms} ms", conn.peer);
+                self.connects_failed.push((key, stream, why));
             }
         }
     }

@@ -4,7 +4,7 @@
 //! (the "service") the tests read and write.
 
 use std::io::{self, Read, Write};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -38,30 +38,67 @@ enum Service {
     Tcp(TcpListener),
     /// A descriptor that is no socket: it cannot abort.
     Broken,
+    /// TCP to these addresses in turn (attempt i to the i-th), each socket
+    /// getting this preamble first; the opener's reports are kept.
+    Addrs(Vec<SocketAddr>, Vec<u8>, Vec<(SocketAddr, bool)>),
 }
 
 struct TestOpener<'a>(&'a mut Service);
 
+fn opening(sock: Sock, addr: Option<SocketAddr>) -> Opening {
+    Opening {
+        sock,
+        addr,
+        preamble: Vec::new(),
+    }
+}
+
 impl Opener for TestOpener<'_> {
-    fn open(&mut self, _: StreamId, service: &str) -> Result<(Sock, String), (Code, String)> {
+    fn open(
+        &mut self,
+        _: StreamId,
+        service: &str,
+        attempt: usize,
+        _: Instant,
+    ) -> Result<Opening, (Code, String)> {
         match &mut self.0 {
             _ if service != "svc" => Err((Code::UnknownService, format!("no {service}"))),
+            Service::Pairs(_) | Service::Tcp(_) | Service::Broken if attempt > 0 => {
+                Err((Code::Unreachable, "no other address".into()))
+            }
             Service::Pairs(ends) => {
                 let (a, b) = UnixStream::pair().unwrap();
                 a.set_nonblocking(true).unwrap();
                 ends.push(b);
-                Ok((Sock::Unix(mio::net::UnixStream::from_std(a)), "pair".into()))
+                Ok(opening(Sock::Unix(mio::net::UnixStream::from_std(a)), None))
             }
             Service::Tcp(l) => {
                 let addr = l.local_addr().unwrap();
                 let s = mio::net::TcpStream::connect(addr).unwrap();
-                Ok((Sock::Tcp(s), addr.to_string()))
+                Ok(opening(Sock::Tcp(s), Some(addr)))
             }
             Service::Broken => {
                 let file = std::fs::File::open("/dev/null").unwrap();
                 let fake = std::net::TcpStream::from(OwnedFd::from(file));
-                Ok((Sock::Tcp(mio::net::TcpStream::from_std(fake)), "broken".into()))
+                Ok(opening(Sock::Tcp(mio::net::TcpStream::from_std(fake)), None))
             }
+            Service::Addrs(addrs, preamble, _) => {
+                let Some(&addr) = addrs.get(attempt) else {
+                    return Err((Code::Unreachable, "every address failed".into()));
+                };
+                let s = mio::net::TcpStream::connect(addr).unwrap();
+                Ok(Opening {
+                    sock: Sock::Tcp(s),
+                    addr: Some(addr),
+                    preamble: preamble.clone(),
+                })
+            }
+        }
+    }
+
+    fn connected(&mut self, _: &str, addr: SocketAddr, ok: bool, _: Instant) {
+        if let Service::Addrs(_, _, reports) = &mut self.0 {
+            reports.push((addr, ok));
         }
     }
 }
@@ -433,4 +470,60 @@ fn unknown_services_are_refused_with_the_openers_code() {
     assert_eq!(r.seen.refused[0].1, Code::UnknownService);
     assert_eq!(r.ch.counters.refused.get(&Code::UnknownService), Some(&1));
     let _ = s;
+}
+
+#[test]
+fn a_refused_connect_goes_to_the_next_address_with_the_preamble_first() {
+    // The first address refuses (nothing listens there); the second takes it.
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let live = TcpListener::bind("127.0.0.1:0").unwrap();
+    let live_addr = live.local_addr().unwrap();
+    let preamble = b"PREAMBLE\r\n".to_vec();
+    let mut r = Rig::new(
+        "failover",
+        Service::Addrs(vec![dead_addr, live_addr], preamble.clone(), vec![]),
+    );
+    r.established();
+    let s = r.guest.open("svc").unwrap();
+    // DATA right after the OPEN, before any connect completed.
+    r.guest.send(s, b"guest bytes");
+    r.until("the accept", |r| r.seen.accepted.contains(&s));
+    let (mut svc, _) = live.accept().unwrap();
+    svc.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(5);
+    while got.len() < preamble.len() + 11 {
+        r.step();
+        let mut buf = [0u8; 64];
+        if let Ok(n) = svc.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(Instant::now() < end, "got {got:?}");
+    }
+    assert_eq!(&got[..preamble.len()], &preamble[..], "the preamble comes first");
+    assert_eq!(&got[preamble.len()..], b"guest bytes");
+    let Service::Addrs(_, _, reports) = &r.service else {
+        unreachable!()
+    };
+    assert_eq!(reports, &vec![(dead_addr, false), (live_addr, true)]);
+    // Only the 11 data bytes count against the window (the preamble earns
+    // no credit; counting it would trip the receive window's own check).
+    let credit = r.guest.send_credit(s);
+    assert_eq!(credit, (64 << 10) - 11, "credit {credit}");
+}
+
+#[test]
+fn when_every_address_fails_the_stream_is_refused_as_unreachable() {
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = dead.local_addr().unwrap();
+    drop(dead);
+    let mut r = Rig::new("allfail", Service::Addrs(vec![a], vec![], vec![]));
+    r.established();
+    let s = r.guest.open("svc").unwrap();
+    r.until("the refusal", |r| !r.seen.refused.is_empty());
+    let (stream, code, text) = &r.seen.refused[0];
+    assert_eq!((*stream, *code), (s, Code::Unreachable));
+    assert!(text.as_str().contains(&a.to_string()), "{text}");
 }
