@@ -47,6 +47,15 @@ pub struct Cli {
           value_delimiter = ';', value_parser = parse_guest)]
     pub guests: Vec<GuestSpec>,
 
+    /// A file of VIOS_*=value lines (the syntax of /etc/default files),
+    /// read at start-up and again on every SIGHUP. With it, VIOS_* variables
+    /// in the environment are not read; options on the command line win
+    /// over the file. A reload applies services, --allow rules, guest
+    /// identities and the guest list; a file with an error is refused and
+    /// the running configuration kept.
+    #[arg(long, value_name = "FILE", env = "VIOS_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Serve every guest found under DIR: each subdirectory is a guest and its
     /// sockets matching --channel-pattern are its channels (vios-proxy's
     /// DIR/<guest>/<socket> layout; libvirt's <id>-<name> directories are

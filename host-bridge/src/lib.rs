@@ -23,6 +23,7 @@ pub mod config;
 pub mod discovery;
 pub mod identity;
 pub mod policy;
+pub mod reload;
 pub mod services;
 pub mod settings;
 pub mod shard;

@@ -1,6 +1,10 @@
-use clap::Parser;
 use vios_host_bridge::config::Cli;
 
 fn main() {
-    vios_common::daemon::main(Cli::parse, Cli::validate, vios_host_bridge::run)
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    vios_common::daemon::main(
+        || vios_host_bridge::reload::load(&argv).unwrap_or_else(|e| e.exit()),
+        Cli::validate,
+        vios_host_bridge::run,
+    )
 }

@@ -27,9 +27,10 @@ use vios_common::io::limits::Budget;
 use vios_common::io::link::{ChannelSpec, Link};
 use vios_common::io::random_seed;
 use vios_common::io::slab::Slab;
-use vios_common::proto::{Config as SessionConfig, Role, Session};
+use vios_common::proto::{Code, Config as SessionConfig, Role, Session};
 
 use crate::discovery::ChannelAt;
+use crate::policy;
 use crate::services::ServiceOpener;
 use crate::settings::Settings;
 
@@ -54,6 +55,9 @@ pub enum Command {
     /// GOAWAY on every channel, then reset what remains after `grace`, and
     /// end the thread.
     Stop { grace: Duration },
+    /// A new configuration: streams of removed services, and of services a
+    /// guest may no longer open, are reset; everything else goes on.
+    Reload(Arc<Settings>),
 }
 
 /// The supervisor's end of a loop thread.
@@ -212,6 +216,7 @@ impl Shard {
                     info!("guest {}: stopped", g.name);
                 }
             }
+            Command::Reload(settings) => self.reload(settings, registry, now),
             Command::Stop { grace } => {
                 if self.stopping.is_none() {
                     for key in self.slots.keys().collect::<Vec<_>>() {
@@ -277,6 +282,39 @@ impl Shard {
         }
         for key in added {
             self.schedule(key);
+        }
+    }
+
+    fn reload(&mut self, settings: Arc<Settings>, registry: &Registry, now: Instant) {
+        for g in self.guests.values_mut() {
+            g.identity = settings.identity(&g.name);
+            for &key in &g.slots {
+                let Some(slot) = self.slots.get_mut(key) else {
+                    continue;
+                };
+                let n = slot.channel.reset_streams(now, registry, |service| {
+                    if !settings.services.iter().any(|s| s.spec.name == service) {
+                        Some((
+                            Code::UnknownService,
+                            format!("service {service} was removed from the configuration"),
+                        ))
+                    } else if !policy::permitted(&settings.allow, &g.name, service) {
+                        Some((
+                            Code::NotPermitted,
+                            format!("guest {} may no longer open {service}", g.name),
+                        ))
+                    } else {
+                        None
+                    }
+                });
+                if n > 0 {
+                    info!("{}reload reset {n} stream(s)", slot.channel.label());
+                }
+            }
+        }
+        self.settings = settings;
+        for key in self.slots.keys().collect::<Vec<_>>() {
+            self.touch(key);
         }
     }
 

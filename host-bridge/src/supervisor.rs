@@ -39,6 +39,8 @@ struct Guest {
 }
 
 pub struct Supervisor {
+    /// The command line, read again with the configuration file on SIGHUP.
+    argv: Vec<std::ffi::OsString>,
     cli: Cli,
     settings: Arc<Settings>,
     shards: Vec<Option<ShardHandle>>,
@@ -63,6 +65,7 @@ impl Supervisor {
         info!("{threads} loop thread(s)");
         let now = Instant::now();
         let mut sup = Supervisor {
+            argv: std::env::args_os().collect(),
             next_scan: (!cli.scan_dirs().is_empty()).then_some(now),
             cli,
             settings,
@@ -260,6 +263,94 @@ impl Supervisor {
         }
     }
 
+    /// Reads the configuration again (SIGHUP) and applies what changed. A
+    /// configuration with an error changes nothing.
+    fn reload(&mut self, now: Instant) {
+        let new = match crate::reload::load(&self.argv).map_err(|e| e.to_string()) {
+            Ok(cli) => match cli.validate() {
+                Ok(()) => cli,
+                Err(e) => return warn!("reload refused, keeping the running configuration: {e}"),
+            },
+            Err(e) => {
+                let e = e
+                    .trim_start_matches("error: ")
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                return warn!("reload refused, keeping the running configuration: {e}");
+            }
+        };
+        let fixed = [
+            ("--threads", self.cli.threads != new.threads),
+            ("--max-fds", self.cli.max_fds != new.max_fds),
+            ("--max-streams", self.cli.max_streams != new.max_streams),
+            ("--max-buffered", self.cli.max_buffered != new.max_buffered),
+        ];
+        for (opt, changed) in fixed {
+            if changed {
+                warn!("reload: {opt} changed; it takes effect at the next start");
+            }
+        }
+        let settings = Arc::new(Settings::new(&new, self.settings.fds.clone()));
+        for h in self.shards.iter().flatten() {
+            h.send(Command::Reload(settings.clone()));
+        }
+        // Guests on the command line (or in the file): added, changed, gone.
+        let wanted: BTreeMap<Origin, Vec<ChannelAt>> = new
+            .guests
+            .iter()
+            .map(|g| {
+                let at = g
+                    .sockets
+                    .iter()
+                    .map(|p| ChannelAt {
+                        path: p.clone(),
+                        id: None,
+                    })
+                    .collect();
+                (Origin::Static(g.name.clone()), at)
+            })
+            .collect();
+        let gone: Vec<Origin> = self
+            .guests
+            .keys()
+            .filter(|o| matches!(o, Origin::Static(_)) && !wanted.contains_key(o))
+            .cloned()
+            .collect();
+        for origin in gone {
+            let g = self.guests.remove(&origin).expect("listed");
+            info!("guest {} is no longer configured: resetting its streams", g.name);
+            self.send(g.shard, Command::RemoveGuest { id: g.id });
+        }
+        for (origin, sockets) in wanted {
+            let Origin::Static(name) = &origin else {
+                unreachable!()
+            };
+            match self.guests.get_mut(&origin) {
+                Some(g) if g.sockets != sockets => {
+                    g.sockets = sockets.clone();
+                    let (shard, id) = (g.shard, g.id);
+                    self.send(shard, Command::SetChannels { id, sockets });
+                }
+                Some(_) => {}
+                None => {
+                    info!("guest {name} added by the configuration");
+                    self.add(origin.clone(), name.clone(), sockets);
+                }
+            }
+        }
+        let services: Vec<&str> = settings.services.iter().map(|s| s.spec.name.as_str()).collect();
+        info!(
+            "configuration reloaded: services {}, {} --allow rule(s)",
+            services.join(", "),
+            settings.allow.len()
+        );
+        self.settings = settings;
+        self.cli = new;
+        self.next_scan = (!self.cli.scan_dirs().is_empty()).then_some(now);
+    }
+
     /// Stops every loop thread (GOAWAY, the grace period, resets) and waits
     /// for them.
     fn stop_all(&mut self) {
@@ -285,6 +376,9 @@ impl Handler for Supervisor {
 
     fn signal(&mut self, signal: i32, _: &Registry, now: Instant) {
         if signal == SIGHUP {
+            if self.cli.config.is_some() {
+                self.reload(now);
+            }
             info!("SIGHUP: rescanning guest directories");
             self.rescan(now);
         } else if signal == SIGTERM || signal == SIGINT {

@@ -762,6 +762,28 @@ impl Channel {
         }
     }
 
+    /// (host) Resets every stream for which `why` gives a code and a reason
+    /// (say, its service was removed, or the guest may no longer open it);
+    /// returns how many.
+    pub fn reset_streams(
+        &mut self,
+        now: Instant,
+        registry: &Registry,
+        why: impl Fn(&str) -> Option<(Code, String)>,
+    ) -> usize {
+        let mut n = 0;
+        for key in self.conns.keys().collect::<Vec<_>>() {
+            let conn = self.conns.get(key).expect("listed");
+            if let Some((code, text)) = why(&conn.service) {
+                let stream = conn.stream;
+                self.session.reset(stream, code, &text);
+                self.drop_conn(key, registry, &format!("reset: {code}: {text}"), false, now);
+                n += 1;
+            }
+        }
+        n
+    }
+
     // ---- shutdown ----
 
     /// Stops for good: GOAWAY now; the caller calls [`Channel::finish_shutdown`]
