@@ -5,6 +5,11 @@
 //! (restarting would fail the same way: units say `RestartPreventExitStatus=2`).
 
 use std::io;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+
+use crate::io::control::{self, ControlServer, StatusQuery};
 
 /// Exit status of a configuration error.
 pub const EXIT_CONFIG: i32 = 2;
@@ -31,4 +36,94 @@ pub fn main<C>(
             std::process::exit(EXIT_FAILED);
         }
     }
+}
+
+/// `vios-*-bridge status`: asks a running daemon through its control socket.
+#[derive(Parser, Debug)]
+#[command(
+    about = "Show what a running bridge is doing: its guests, channels, sessions and streams",
+    after_help = "Exit status: 0 when every channel has a session, 1 when some have not, \
+                  2 when the daemon cannot be reached (the message names the socket tried)."
+)]
+pub struct StatusCli {
+    /// Print the versioned JSON status instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Only this guest (host bridge).
+    #[arg(long, value_name = "NAME")]
+    pub guest: Option<String>,
+    /// List every open stream: id, service, the guest client's address, the
+    /// service connection's local address, age and bytes.
+    #[arg(long)]
+    pub streams: bool,
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", env = "VIOS_CONTROL")]
+    pub control: Option<PathBuf>,
+    /// (guest bridge) The channel whose bridge to ask, when --control is not
+    /// given: its socket is /run/vios/vios-guest-bridge.CHANNEL.sock.
+    #[arg(long, value_name = "NAME", default_value = "org.qpid.vios.0")]
+    pub channel: String,
+}
+
+/// If the command line is `NAME status ...`, runs the status client and
+/// exits; otherwise returns.
+pub fn status_subcommand(argv: &[std::ffi::OsString], default_control: impl Fn(&StatusCli) -> PathBuf) {
+    if argv.get(1).and_then(|a| a.to_str()) != Some("status") {
+        return;
+    }
+    let name = argv[0]
+        .to_string_lossy()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let args = std::iter::once(format!("{name} status").into()).chain(argv[2..].iter().cloned());
+    let cli = StatusCli::parse_from(args);
+    let path = cli.control.clone().unwrap_or_else(|| default_control(&cli));
+    let q = StatusQuery {
+        json: cli.json,
+        streams: cli.streams,
+        guest: cli.guest.clone(),
+    };
+    match control::query(&path, &q) {
+        Ok(a) => {
+            print!("{}", a.body);
+            std::process::exit(if a.established { 0 } else { 1 });
+        }
+        Err(e) => {
+            eprintln!("{name} status: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Sets up a daemon's control socket and metrics listener. `explicit` says
+/// the operator chose the control path: failing to use it is then an error;
+/// the default path is skipped with a warning when it cannot be used (say,
+/// another daemon holds it, or /run/vios is not writable).
+pub fn start_control(
+    server: &mut ControlServer,
+    registry: &mio::Registry,
+    path: Option<&Path>,
+    explicit: bool,
+    metrics: Option<std::net::SocketAddr>,
+) -> io::Result<()> {
+    if let Some(path) = path {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = server.bind_control(path, registry) {
+            let e = io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()));
+            if explicit {
+                return Err(e);
+            }
+            log::warn!("{e}; running without a control socket (give --control to choose one)");
+        }
+    }
+    if let Some(addr) = metrics {
+        server
+            .bind_metrics(addr, registry)
+            .map_err(|e| io::Error::new(e.kind(), format!("metrics on {addr}: {e}")))?;
+    }
+    Ok(())
 }

@@ -6,7 +6,9 @@
 //!   HELLO codec, credit flow control, and the [`proto::Session`] state
 //!   machine. No sockets, no clock; fully testable in memory.
 //! - [`cli`]: value parsers shared by both daemons' command lines;
-//!   [`daemon`]: what both daemons' `main` does (logging, exit codes).
+//!   [`daemon`]: what both daemons' `main` does (logging, exit codes);
+//!   [`json`]: a small JSON writer; [`status`]: what a daemon reports about
+//!   itself (control socket, metrics, SIGUSR1).
 //! - [`io`]: the mio glue both daemons share: a stream's socket and buffers,
 //!   the channel (unix socket or virtio-serial device), and the multiplexer
 //!   that joins them to a session.
@@ -16,5 +18,7 @@
 pub mod cli;
 pub mod daemon;
 pub mod io;
+pub mod json;
 pub mod proto;
+pub mod status;
 pub mod sys;

@@ -15,11 +15,13 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use mio::event::Event;
 use mio::Registry;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use vios_common::io::channel::{Channel, NoOpener};
+use vios_common::io::control::{ControlServer, StatusSource};
 use vios_common::io::event_loop::{Handler, Turn};
 use vios_common::io::share::FairShare;
 use vios_common::io::sock::{would_block, Sock};
+use vios_common::status::{GuestStatus, Status};
 
 use crate::config::Cli;
 use crate::listener::{Accepted, Listener};
@@ -29,6 +31,8 @@ const UNKNOWN_USER: u32 = u32::MAX;
 
 /// Listener `i` has token `LISTENERS + i`; the channel's tokens are below it.
 pub const LISTENERS: usize = 1 << 30;
+/// The control socket's tokens.
+pub const CONTROL: usize = 1 << 29;
 /// After `EMFILE` and friends, accept again after this long.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -57,6 +61,9 @@ pub struct Bridge {
     accept_paused: Option<Instant>,
     stopping: Option<Instant>,
     more: bool,
+    /// Taken out while it asks `self` for the status.
+    pub control: Option<ControlServer>,
+    started: Instant,
 }
 
 impl Bridge {
@@ -75,6 +82,8 @@ impl Bridge {
             accept_paused: None,
             stopping: None,
             more: false,
+            control: None,
+            started: Instant::now(),
         }
     }
 
@@ -235,9 +244,43 @@ impl Bridge {
     }
 }
 
+impl StatusSource for Bridge {
+    fn status(&mut self, now: Instant, streams: bool, _: Option<&str>) -> Status {
+        let channel = self.channel.status(now, streams);
+        let guest = GuestStatus {
+            name: "local".into(),
+            identity: None,
+            buffered: channel.buffered,
+            max_buffered: 0,
+            streams: channel.streams_open,
+            channels: vec![channel],
+        };
+        Status {
+            daemon: "vios-guest-bridge".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_s: now.saturating_duration_since(self.started).as_secs_f64(),
+            guests: vec![guest],
+            listeners: self
+                .listeners
+                .iter()
+                .map(|l| format!("{}={}", l.spec.addr, l.spec.service))
+                .collect(),
+            waiting: Some(self.waiting.len()),
+            fds_used: vios_common::sys::open_descriptors().unwrap_or(0),
+            fds_limit: vios_common::sys::nofile_limit().map_or(0, |n| n as usize),
+            fd_streams: self.streams.total(),
+        }
+    }
+}
+
 impl Handler for Bridge {
     fn ready(&mut self, event: &Event, registry: &Registry, now: Instant) {
         let t = event.token().0;
+        if let Some(c) = &mut self.control {
+            if c.owns(event.token()) {
+                return c.ready(event, registry, now);
+            }
+        }
         if (LISTENERS..LISTENERS + self.listeners.len()).contains(&t) {
             self.to_accept.push(t - LISTENERS);
         } else if self.channel.owns(event.token()) {
@@ -246,7 +289,10 @@ impl Handler for Bridge {
     }
 
     fn signal(&mut self, sig: i32, registry: &Registry, now: Instant) {
-        if sig == SIGHUP {
+        if sig == SIGUSR1 {
+            let table = self.status(now, true, None).to_table(true);
+            info!("status (SIGUSR1):\n{table}");
+        } else if sig == SIGHUP {
             info!("SIGHUP: nothing to reload");
         } else if (sig == SIGTERM || sig == SIGINT) && self.stopping.is_none() {
             let grace = self.cli.shutdown_grace;
@@ -258,6 +304,10 @@ impl Handler for Bridge {
     }
 
     fn turn(&mut self, registry: &Registry, now: Instant) -> Turn {
+        if let Some(mut c) = self.control.take() {
+            c.turn(registry, now, self);
+            self.control = Some(c);
+        }
         if self.stopping.is_none() {
             if self.accept_paused.is_some_and(|t| now >= t) {
                 self.accept_paused = None;
@@ -297,6 +347,7 @@ impl Handler for Bridge {
             self.waiting.front().map(|w| w.deadline),
             self.accept_paused,
             self.stopping,
+            self.control.as_ref().and_then(ControlServer::next_deadline),
         ]
         .into_iter()
         .flatten()

@@ -34,7 +34,10 @@ Examples:
   vios-guest-bridge --channel org.qpid.vios.0 --listen 127.0.0.1:5672=amqp \\
       --listen unix:/run/vios/amqp.sock=amqp
 
-Logging: RUST_LOG=info (default), debug or warn.
+Status: `vios-guest-bridge status [--json] [--streams] [--channel NAME]` asks the
+running bridge through its control socket.
+
+Logging: RUST_LOG=info (default), debug or warn. SIGUSR1 writes the status to the log.
 Signals: SIGTERM or SIGINT sends GOAWAY, waits --shutdown-grace, resets the rest, exits 0.";
 
 #[derive(Parser, Debug)]
@@ -76,6 +79,21 @@ pub struct Cli {
     #[arg(long, value_name = "BOOL", env = "VIOS_USER_SHARES", default_value = "true",
           value_parser = vios_common::cli::parse_bool, action = clap::ArgAction::Set)]
     pub user_shares: bool,
+
+    /// The control socket `vios-guest-bridge status` asks (mode 0660)
+    /// [default: /run/vios/vios-guest-bridge.CHANNEL.sock, CHANNEL the port
+    /// or socket name]. `none`: no control socket.
+    #[arg(long, value_name = "PATH", env = "VIOS_CONTROL")]
+    pub control: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on HOST:PORT (GET /metrics). Off by default;
+    /// a loopback address unless --metrics-allow-remote.
+    #[arg(long, value_name = "HOST:PORT", env = "VIOS_METRICS")]
+    pub metrics: Option<SocketAddr>,
+
+    /// Allow --metrics on an address other than loopback.
+    #[arg(long, env = "VIOS_METRICS_ALLOW_REMOTE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub metrics_allow_remote: bool,
 
     /// Allow TCP listeners on addresses other than loopback.
     #[arg(long, env = "VIOS_ALLOW_REMOTE", value_parser = clap::builder::BoolishValueParser::new())]
@@ -178,10 +196,31 @@ fn parse_listen(s: &str) -> Result<ListenSpec, String> {
     })
 }
 
+/// The control socket of the bridge on `channel` when --control is not given.
+pub fn default_control(channel: &str) -> PathBuf {
+    PathBuf::from(format!("/run/vios/vios-guest-bridge.{channel}.sock"))
+}
+
 impl Cli {
+    /// The control socket, and whether the operator chose it.
+    pub fn control_path(&self) -> (Option<PathBuf>, bool) {
+        match &self.control {
+            Some(p) if p.as_os_str() == "none" => (None, true),
+            Some(p) => (Some(p.clone()), true),
+            None => (Some(default_control(&self.channel.name())), false),
+        }
+    }
+
     /// Checks what clap cannot: loopback-only TCP unless allowed, no
     /// duplicates, socket owner and group that exist.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(m) = self.metrics {
+            if !m.ip().is_loopback() && !self.metrics_allow_remote {
+                return Err(format!(
+                    "refusing to serve metrics on {m}: not a loopback address (add --metrics-allow-remote if you mean it)"
+                ));
+            }
+        }
         if let Some(u) = &self.socket_owner {
             vios_common::sys::user_id(u).map_err(|e| format!("--socket-owner: {e}"))?;
         }

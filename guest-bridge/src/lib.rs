@@ -25,8 +25,9 @@ use std::time::Instant;
 
 use log::info;
 use mio::Token;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use vios_common::io::channel::{Channel, ChannelConfig};
+use vios_common::io::control::ControlServer;
 use vios_common::io::event_loop::EventLoop;
 use vios_common::io::link::Link;
 use vios_common::io::random_seed;
@@ -34,7 +35,7 @@ use vios_common::proto::session::Policy;
 use vios_common::proto::{Config as SessionConfig, Limits, Role, Session};
 use vios_common::sys;
 
-use bridge::{Bridge, LISTENERS};
+use bridge::{Bridge, CONTROL, LISTENERS};
 use config::Cli;
 use listener::{Listener, SocketAccess};
 
@@ -43,7 +44,7 @@ const LINK: Token = Token(0);
 
 /// Runs until SIGTERM or SIGINT.
 pub fn run(cli: Cli) -> io::Result<()> {
-    let mut el = EventLoop::new()?.with_signals(&[SIGTERM, SIGINT, SIGHUP])?;
+    let mut el = EventLoop::new()?.with_signals(&[SIGTERM, SIGINT, SIGHUP, SIGUSR1])?;
     let access = SocketAccess {
         mode: cli.socket_mode,
         owner: cli.socket_owner.as_deref().map(sys::user_id).transpose()?,
@@ -76,10 +77,23 @@ pub fn run(cli: Cli) -> io::Result<()> {
         link,
         ChannelConfig::unlimited(String::new()),
     );
+    let (control_path, explicit) = cli.control_path();
+    let mut control = ControlServer::new(CONTROL);
+    vios_common::daemon::start_control(
+        &mut control,
+        el.registry(),
+        control_path.as_deref(),
+        explicit,
+        cli.metrics,
+    )?;
     let mut bridge = Bridge::new(cli, channel, listeners);
+    bridge.control = Some(control);
     let result = el.run(&mut bridge);
     for l in &bridge.listeners {
         l.cleanup();
+    }
+    if let Some(c) = &bridge.control {
+        c.cleanup();
     }
     result
 }

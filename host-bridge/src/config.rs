@@ -16,6 +16,9 @@ use vios_common::proto::session::{
     DEFAULT_SESSIONS_PER_MINUTE, DEFAULT_VIOLATIONS_PER_10S,
 };
 
+/// Where the control socket is unless --control says otherwise.
+pub const DEFAULT_CONTROL: &str = "/run/vios/vios-host-bridge.sock";
+
 const ABOUT: &str = "Host side of the Vios bridge: serves guests' virtio-serial channels \
 and splices every stream a guest opens into a host service such as an AMQP broker.";
 
@@ -33,8 +36,12 @@ const AFTER_HELP: &str = "Examples:
   VIOS_GUESTS='vm1=/run/vios/vm1/a.sock,/run/vios/vm1/b.sock;vm2=/run/vios/vm2/a.sock' \\
   VIOS_SERVICES='amqp=127.0.0.1:5672' vios-host-bridge
 
+Status: `vios-host-bridge status [--json] [--guest NAME] [--streams]` asks the
+running daemon through its control socket (see `vios-host-bridge status --help`).
+
 Logging: RUST_LOG=info (default), debug or warn. One line per stream at open and
-close (guest, service, bytes each way, duration, reason).
+close (guest, service, bytes each way, duration, reason). SIGUSR1 writes the
+status to the log.
 Signals: SIGTERM or SIGINT sends GOAWAY, waits --shutdown-grace for streams to
 finish, resets the rest, and exits 0.";
 
@@ -46,6 +53,20 @@ pub struct Cli {
     #[arg(short, long = "guest", value_name = "NAME=SOCKET[,SOCKET...]", env = "VIOS_GUESTS",
           value_delimiter = ';', value_parser = parse_guest)]
     pub guests: Vec<GuestSpec>,
+
+    /// The control socket `vios-host-bridge status` asks (mode 0660, the
+    /// daemon's user and group). `none`: no control socket.
+    #[arg(long, value_name = "PATH", env = "VIOS_CONTROL", default_value = DEFAULT_CONTROL)]
+    pub control: PathBuf,
+
+    /// Serve Prometheus metrics on HOST:PORT (GET /metrics). Off by default;
+    /// a loopback address unless --metrics-allow-remote.
+    #[arg(long, value_name = "HOST:PORT", env = "VIOS_METRICS")]
+    pub metrics: Option<std::net::SocketAddr>,
+
+    /// Allow --metrics on an address other than loopback.
+    #[arg(long, env = "VIOS_METRICS_ALLOW_REMOTE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub metrics_allow_remote: bool,
 
     /// A file of VIOS_*=value lines (the syntax of /etc/default files),
     /// read at start-up and again on every SIGHUP. With it, VIOS_* variables
@@ -308,6 +329,13 @@ fn parse_u32_size(s: &str) -> Result<u32, String> {
 impl Cli {
     /// Checks what clap cannot: at least one guest, no name or socket twice.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(m) = self.metrics {
+            if !m.ip().is_loopback() && !self.metrics_allow_remote {
+                return Err(format!(
+                    "refusing to serve metrics on {m}: not a loopback address (add --metrics-allow-remote if you mean it)"
+                ));
+            }
+        }
         if self.guests.is_empty() && self.guest_dirs.is_empty() && !self.libvirt {
             return Err(
                 "no guests to serve: give --guest NAME=SOCKET[,SOCKET...], --guest-dir DIR or --libvirt"

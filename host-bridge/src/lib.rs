@@ -33,7 +33,7 @@ use std::io;
 use std::sync::Arc;
 
 use log::{info, warn};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use vios_common::io::event_loop::EventLoop;
 use vios_common::io::limits::Descriptors;
 use vios_common::sys;
@@ -45,7 +45,7 @@ use supervisor::Supervisor;
 /// Runs until SIGTERM or SIGINT; returns after every guest has stopped.
 pub fn run(cli: Cli) -> io::Result<()> {
     let nofile = sys::raise_nofile_limit()?;
-    let mut el = EventLoop::new()?.with_signals(&[SIGTERM, SIGINT, SIGHUP])?;
+    let mut el = EventLoop::new()?.with_signals(&[SIGTERM, SIGINT, SIGHUP, SIGUSR1])?;
     let limit = usize::try_from(nofile.soft).unwrap_or(usize::MAX);
     let fds = Arc::new(Descriptors::new(limit, sys::open_descriptors()?, cli.max_fds));
     info!(
@@ -95,6 +95,7 @@ pub fn run(cli: Cli) -> io::Result<()> {
         usize::from,
     );
     let mut sup = Supervisor::start(cli, settings, threads)?;
+    sup.start_control(el.registry())?;
     el.run(&mut sup)?;
     match sup.failure.take() {
         Some(e) => Err(e),

@@ -58,6 +58,13 @@ pub enum Command {
     /// A new configuration: streams of removed services, and of services a
     /// guest may no longer open, are reset; everything else goes on.
     Reload(Arc<Settings>),
+    /// Report the guests (only `guest` if given), with their streams if
+    /// `streams`.
+    Status {
+        streams: bool,
+        guest: Option<String>,
+        reply: Sender<Vec<vios_common::status::GuestStatus>>,
+    },
 }
 
 /// The supervisor's end of a loop thread.
@@ -217,6 +224,13 @@ impl Shard {
                 }
             }
             Command::Reload(settings) => self.reload(settings, registry, now),
+            Command::Status {
+                streams,
+                guest,
+                reply,
+            } => {
+                let _ = reply.send(self.status(now, streams, guest.as_deref()));
+            }
             Command::Stop { grace } => {
                 if self.stopping.is_none() {
                     for key in self.slots.keys().collect::<Vec<_>>() {
@@ -316,6 +330,31 @@ impl Shard {
         for key in self.slots.keys().collect::<Vec<_>>() {
             self.touch(key);
         }
+    }
+
+    fn status(
+        &self,
+        now: Instant,
+        streams: bool,
+        only: Option<&str>,
+    ) -> Vec<vios_common::status::GuestStatus> {
+        self.guests
+            .values()
+            .filter(|g| only.is_none_or(|n| n == g.name))
+            .map(|g| vios_common::status::GuestStatus {
+                name: g.name.clone(),
+                identity: Some(g.identity.to_string()),
+                buffered: g.budget.buffered(),
+                max_buffered: g.budget.max_buffered(),
+                streams: g.budget.streams(),
+                channels: g
+                    .slots
+                    .iter()
+                    .filter_map(|&k| self.slots.get(k))
+                    .map(|s| s.channel.status(now, streams))
+                    .collect(),
+            })
+            .collect()
     }
 
     fn process(&mut self, key: usize, registry: &Registry, now: Instant) -> bool {

@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 use mio::event::Event;
 use mio::Registry;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use vios_common::io::control::{ControlServer, StatusSource};
 use vios_common::io::event_loop::{Handler, Turn};
 use vios_common::io::link::REPORT_AGAIN;
+use vios_common::status::{GuestStatus, Status};
 
 use crate::config::Cli;
 use crate::discovery::{self, ChannelAt};
@@ -23,6 +25,10 @@ use crate::shard::{self, Command, ShardHandle};
 
 /// How often the loop threads' health is looked at.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
+/// Tokens of the control socket and its clients.
+pub const CONTROL_TOKENS: usize = 1 << 16;
+/// How long a loop thread may take to report its guests.
+const STATUS_WAIT: Duration = Duration::from_secs(1);
 
 /// Where a guest comes from: the command line, or a directory on disk.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -53,6 +59,10 @@ pub struct Supervisor {
     /// Why the daemon must exit with an error.
     pub failure: Option<io::Error>,
     done: bool,
+    /// The control socket and metrics listener (taken out while it asks
+    /// `self` for the status).
+    control: Option<ControlServer>,
+    started: Instant,
 }
 
 impl Supervisor {
@@ -76,6 +86,8 @@ impl Supervisor {
             scan_failures: BTreeMap::new(),
             failure: None,
             done: false,
+            control: None,
+            started: now,
         };
         for g in sup.cli.guests.clone() {
             let sockets = g
@@ -86,6 +98,24 @@ impl Supervisor {
             sup.add(Origin::Static(g.name.clone()), g.name, sockets);
         }
         Ok(sup)
+    }
+
+    /// Opens the control socket and the metrics listener.
+    pub fn start_control(&mut self, registry: &Registry) -> io::Result<()> {
+        // The listeners and their clients, counted like a loop thread's.
+        if !self
+            .settings
+            .fds
+            .take_infra(vios_common::io::control::MAX_DESCRIPTORS)
+        {
+            warn!("no descriptors left for the control socket's clients");
+        }
+        let mut c = ControlServer::new(CONTROL_TOKENS);
+        let path = (self.cli.control.as_os_str() != "none").then_some(self.cli.control.as_path());
+        let explicit = self.cli.control.as_os_str() != crate::config::DEFAULT_CONTROL;
+        vios_common::daemon::start_control(&mut c, registry, path, explicit, self.cli.metrics)?;
+        self.control = Some(c);
+        Ok(())
     }
 
     /// The loop thread with the fewest guests.
@@ -371,8 +401,57 @@ impl Supervisor {
     }
 }
 
+impl StatusSource for Supervisor {
+    fn status(&mut self, now: Instant, streams: bool, guest: Option<&str>) -> Status {
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<GuestStatus>>();
+        let mut asked = 0;
+        for h in self.shards.iter().flatten() {
+            h.send(Command::Status {
+                streams,
+                guest: guest.map(str::to_owned),
+                reply: tx.clone(),
+            });
+            asked += 1;
+        }
+        drop(tx);
+        let mut guests = Vec::new();
+        let end = Instant::now() + STATUS_WAIT;
+        for _ in 0..asked {
+            let wait = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(g) => guests.extend(g),
+                Err(_) => {
+                    warn!(
+                        "status: a loop thread did not answer within {} ms",
+                        STATUS_WAIT.as_millis()
+                    );
+                    break;
+                }
+            }
+        }
+        guests.sort_by(|a, b| a.name.cmp(&b.name));
+        let fds = &self.settings.fds;
+        Status {
+            daemon: "vios-host-bridge".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_s: now.saturating_duration_since(self.started).as_secs_f64(),
+            guests,
+            fds_used: fds.used(),
+            fds_limit: fds.limit(),
+            fd_streams: fds.streams(),
+            ..Status::default()
+        }
+    }
+}
+
 impl Handler for Supervisor {
-    fn ready(&mut self, _: &Event, _: &Registry, _: Instant) {}
+    fn ready(&mut self, ev: &Event, registry: &Registry, now: Instant) {
+        if let Some(c) = &mut self.control {
+            if c.owns(ev.token()) {
+                c.ready(ev, registry, now);
+            }
+        }
+    }
 
     fn signal(&mut self, signal: i32, _: &Registry, now: Instant) {
         if signal == SIGHUP {
@@ -381,15 +460,25 @@ impl Handler for Supervisor {
             }
             info!("SIGHUP: rescanning guest directories");
             self.rescan(now);
+        } else if signal == SIGUSR1 {
+            let table = self.status(now, true, None).to_table(true);
+            info!("status (SIGUSR1):\n{table}");
         } else if signal == SIGTERM || signal == SIGINT {
             info!("signal {signal}: stopping");
             self.stop_all();
         }
     }
 
-    fn turn(&mut self, _: &Registry, now: Instant) -> Turn {
+    fn turn(&mut self, registry: &Registry, now: Instant) -> Turn {
         if self.done {
+            if let Some(c) = &self.control {
+                c.cleanup();
+            }
             return Turn::Done;
+        }
+        if let Some(mut c) = self.control.take() {
+            c.turn(registry, now, self);
+            self.control = Some(c);
         }
         if self.next_scan.is_some_and(|t| now >= t) {
             self.rescan(now);
@@ -400,6 +489,9 @@ impl Handler for Supervisor {
         }
         if self.failure.is_some() {
             self.stop_all();
+            if let Some(c) = &self.control {
+                c.cleanup();
+            }
             return Turn::Done;
         }
         Turn::Idle

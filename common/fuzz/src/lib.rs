@@ -905,7 +905,7 @@ impl Harness {
                 self.counts.rejected += 1;
                 assert!(self.live.is_empty(), "handshake rejected while streams are live");
             }
-            Event::Opened { stream, service } => {
+            Event::Opened { stream, service, .. } => {
                 self.counts.opened += 1;
                 assert!(
                     frame::check_service_name(service.as_bytes()).is_ok(),

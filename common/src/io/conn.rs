@@ -78,6 +78,9 @@ pub struct Conn {
     /// (guest) The local user the stream belongs to, reported back when it
     /// closes.
     pub owner: Option<u32>,
+    /// The guest client's address as the guest saw it (on the host, as the
+    /// guest reported it: peer text).
+    pub client: Option<String>,
     /// (host) The service address being connected to, and which attempt
     /// this is (the next address after a failure).
     pub addr: Option<std::net::SocketAddr>,
@@ -133,6 +136,7 @@ impl Conn {
             window_bytes: 0,
             quiet_since: None,
             owner: None,
+            client: None,
             addr: None,
             attempt: 0,
             preamble_left: 0,

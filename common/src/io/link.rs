@@ -48,6 +48,19 @@ pub enum ChannelSpec {
     Named(String),
 }
 
+impl ChannelSpec {
+    /// The channel's short name: the socket's or device's file name, or the
+    /// port name.
+    pub fn name(&self) -> String {
+        match self {
+            ChannelSpec::Unix(p) | ChannelSpec::Device(p) => p
+                .file_name()
+                .map_or_else(|| p.display().to_string(), |f| f.to_string_lossy().into_owned()),
+            ChannelSpec::Named(n) => n.clone(),
+        }
+    }
+}
+
 impl std::fmt::Display for ChannelSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -216,6 +229,28 @@ impl Link {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.retry_at
+    }
+
+    /// The link in words, for status reports: `connected`, `open` (a
+    /// device; `waiting for the host` when none is there), or `down` with
+    /// the last error and when it is tried again.
+    pub fn state(&self, now: Instant) -> String {
+        match &self.io {
+            Some(Io::Unix(_)) => "connected".into(),
+            Some(Io::Device(..)) if self.host_present => "open, host present".into(),
+            Some(Io::Device(..)) => "open, waiting for the host".into(),
+            None => {
+                let retry = self
+                    .retry_at
+                    .map(|t| format!("; retry in {} ms", t.saturating_duration_since(now).as_millis()))
+                    .unwrap_or_default();
+                let why = self
+                    .last_failure
+                    .as_ref()
+                    .map_or_else(|| "not connected".to_owned(), |(e, _)| e.clone());
+                format!("down: {why}{retry}")
+            }
+        }
     }
 
     /// Whether buffered readiness means there is reading left to do.

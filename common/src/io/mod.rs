@@ -9,6 +9,8 @@
 //! - [`channel`]: the one owner of a link, its [`crate::proto::Session`] and
 //!   its streams' connections; `channel/mod.rs` shows where a byte goes from a
 //!   client socket to the broker socket.
+//! - [`control`]: the control socket and the metrics listener, and the
+//!   `status` client.
 //! - [`event_loop`]: the poll loop both daemons run (signals, waker, timers);
 //!   a daemon plugs in a [`event_loop::Handler`].
 //! - [`limits`]: what a guest may hold (bytes, descriptors), the descriptor
@@ -19,6 +21,7 @@
 
 pub mod channel;
 pub mod conn;
+pub mod control;
 pub mod event_loop;
 pub mod limits;
 pub mod link;

@@ -21,6 +21,14 @@ pub const MAX_HELLO_LEN: usize = BODY_START + MAX_BODY_LEN;
 /// Longest text in a HELLO.
 pub const MAX_HELLO_TEXT: usize = 256;
 
+/// Capability bit 0: OPEN may carry the guest client's address after the
+/// service name (PROTOCOL.md §5.2), when both sides set it.
+pub const CAP_CLIENT_ADDRESS: u32 = 1;
+/// The capabilities this implementation sets.
+pub const CAPABILITIES: u32 = CAP_CLIENT_ADDRESS;
+/// Longest client address an OPEN may carry.
+pub const MAX_CLIENT_ADDRESS: usize = 128;
+
 /// Protocol versions this implementation speaks.
 pub const VERSION_MIN: u8 = 1;
 pub const VERSION_MAX: u8 = 1;

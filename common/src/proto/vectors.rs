@@ -42,7 +42,7 @@ fn hellos() -> Vec<(&'static str, Hello)> {
         refuse: false,
         nonce: guest_nonce(),
         echo: NO_NONCE,
-        capabilities: 0,
+        capabilities: super::hello::CAP_CLIENT_ADDRESS,
         limits: Limits {
             max_frame_payload: 262_144,
             initial_window: 65_536,
@@ -99,6 +99,13 @@ fn frames() -> Vec<(&'static str, Frame<'static>)> {
             Frame::Open {
                 stream: s,
                 service: "amqp",
+            },
+        ),
+        (
+            "frame-open-client",
+            Frame::Open {
+                stream: StreamId(2),
+                service: "amqp\x00127.0.0.1:40000",
             },
         ),
         ("frame-accept", Frame::Accept { stream: s }),

@@ -257,6 +257,76 @@ impl Channel {
         self.conns.len()
     }
 
+    /// What the channel looks like now, for status reports (with every
+    /// stream when `streams`).
+    pub fn status(&self, now: Instant, streams: bool) -> crate::status::ChannelStatus {
+        use crate::proto::session::Phase;
+        let (session, holding_s, age) = match self.session.phase() {
+            Phase::Down => ("down", None, None),
+            Phase::Handshaking => ("handshaking", None, None),
+            Phase::Holding { until } => (
+                "holding off",
+                Some(until.saturating_duration_since(now).as_secs_f64()),
+                None,
+            ),
+            Phase::Established { since } => (
+                "established",
+                None,
+                Some(now.saturating_duration_since(since).as_secs_f64()),
+            ),
+            Phase::Closed => ("closed", None, None),
+        };
+        let stats = self.session.stats();
+        let streams = if streams {
+            self.conns
+                .keys()
+                .filter_map(|k| self.conns.get(k))
+                .map(|c| crate::status::StreamStatus {
+                    id: c.stream.0,
+                    service: c.service.clone(),
+                    client: c.client.clone(),
+                    peer: c.peer.clone(),
+                    local: c.sock.local_addr().map(|a| a.to_string()),
+                    age_s: now.saturating_duration_since(c.opened).as_secs_f64(),
+                    bytes_out: c.bytes_out,
+                    bytes_in: c.bytes_in,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        crate::status::ChannelStatus {
+            channel: self.link.spec().name(),
+            link: self.link.state(now),
+            session: session.into(),
+            holding_s,
+            session_age_s: age,
+            peer: self.session.info().map(|i| i.peer_identity.as_str().to_owned()),
+            sessions: stats.sessions,
+            streams_open: self.conns.len(),
+            streams_total: self.counters.streams_total,
+            bytes_to_peer: self.counters.bytes_to_peer,
+            bytes_from_peer: self.counters.bytes_from_peer,
+            refused: self
+                .counters
+                .refused
+                .iter()
+                .map(|(c, n)| (c.to_string(), *n))
+                .collect(),
+            ended: self
+                .counters
+                .sessions_ended
+                .iter()
+                .map(|(k, n)| (k.clone(), *n))
+                .collect(),
+            violations: stats.stream_violations,
+            throttled: stats.throttled,
+            holds: stats.holds,
+            buffered: self.buffered(),
+            streams,
+        }
+    }
+
     /// Bytes this channel's streams hold against the guest's budget.
     pub fn buffered(&self) -> usize {
         self.conns
@@ -296,7 +366,7 @@ impl Channel {
             let e = std::io::Error::other(r.to_string());
             return Err((OpenStreamError::Socket(e), sock));
         }
-        let stream = match self.session.open(&service) {
+        let stream = match self.session.open_for(&service, Some(&peer)) {
             Ok(s) => s,
             Err(e) => {
                 self.cfg.budget.release_stream();
@@ -590,7 +660,11 @@ impl Channel {
                     format!("peer is going away ({code}: {text}); draining for {ms} ms"),
                 );
             }
-            Event::Opened { stream, service } => self.opened(stream, service, now, registry, opener),
+            Event::Opened {
+                stream,
+                service,
+                client,
+            } => self.opened(stream, service, client, now, registry, opener),
             Event::Accepted { stream } => ::log::debug!("{}stream {stream} accepted", self.cfg.label),
             Event::Refused {
                 stream,
@@ -655,6 +729,7 @@ impl Channel {
         &mut self,
         stream: StreamId,
         service: String,
+        client: Option<crate::proto::PeerText>,
         now: Instant,
         registry: &Registry,
         opener: &mut dyn Opener,
@@ -693,6 +768,7 @@ impl Channel {
         )
         .and_then(|mut conn| {
             conn.addr = opening.addr;
+            conn.client = client.map(|c| c.to_string());
             conn.set_preamble(&opening.preamble);
             self.add_conn(registry, conn, now)
         });

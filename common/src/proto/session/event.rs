@@ -17,6 +17,9 @@ pub struct SessionInfo {
     /// The identity text of the peer's HELLO.
     pub peer_identity: PeerText,
     pub peer_limits: Limits,
+    /// Both sides set [`crate::proto::hello::CAP_CLIENT_ADDRESS`]: OPEN
+    /// carries the guest client's address.
+    pub client_addresses: bool,
 }
 
 /// Why a session ended. Every stream it carried is gone.
@@ -91,7 +94,12 @@ pub enum Event<'a> {
     },
     /// (host) The guest opened a stream: connect, then [`Session::accept`] or
     /// [`Session::refuse`]. DATA may arrive before that.
-    Opened { stream: StreamId, service: String },
+    Opened {
+        stream: StreamId,
+        service: String,
+        /// The guest client's address, as the guest reported it.
+        client: Option<PeerText>,
+    },
     /// (guest) The host accepted a stream.
     Accepted { stream: StreamId },
     /// An open was refused: by the host (`by_peer`, guest side) or by this
@@ -133,7 +141,15 @@ impl<'a> Event<'a> {
             Event::Established(i) => Event::Established(i),
             Event::Ended(r) => Event::Ended(r),
             Event::Rejected { by_peer, code, text } => Event::Rejected { by_peer, code, text },
-            Event::Opened { stream, service } => Event::Opened { stream, service },
+            Event::Opened {
+                stream,
+                service,
+                client,
+            } => Event::Opened {
+                stream,
+                service,
+                client,
+            },
             Event::Accepted { stream } => Event::Accepted { stream },
             Event::Refused {
                 stream,
@@ -210,4 +226,6 @@ pub struct Stats {
     /// Bytes of work handshakes did looking for a HELLO: bytes scanned and
     /// bytes run through the CRC.
     pub scan_work: u64,
+    /// Times the side held off after failures.
+    pub holds: u64,
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::{push_frame, EndReason, Event, Session, State, Step, Stream};
 use crate::proto::code::Code;
 use crate::proto::frame::{self, Frame, StreamId};
-use crate::proto::hello::Role;
+use crate::proto::hello::{self, Role};
 
 impl Session {
     /// A complete, checked frame: note that the peer is alive, then hand it
@@ -65,7 +65,7 @@ impl Session {
     }
 
     /// OPEN (§5.1, §5.2, §8.2): numbering, names, and the host's limits.
-    fn on_open(&mut self, stream: StreamId, service: &str, now: Instant) -> Step {
+    fn on_open(&mut self, stream: StreamId, payload: &str, now: Instant) -> Step {
         let role = self.cfg.role;
         let State::Established(e) = &mut self.state else {
             unreachable!()
@@ -79,6 +79,12 @@ impl Session {
         }
         e.highest = stream.0;
         let tag = e.info.tag;
+        // With CLIENT_ADDRESS the service name may be followed by a NUL and
+        // the client's address; otherwise a NUL makes no valid name.
+        let (service, client) = match payload.split_once('\0') {
+            Some((s, c)) if e.info.client_addresses && c.len() <= hello::MAX_CLIENT_ADDRESS => (s, Some(c)),
+            _ => (payload, None),
+        };
         let mut violation = false;
         let refusal = if frame::check_service_name(service.as_bytes()).is_err() {
             // A guest names services, never addresses or paths.
@@ -128,6 +134,7 @@ impl Session {
         Step::Event(Event::Opened {
             stream,
             service: service.to_owned(),
+            client: client.map(Into::into),
         })
     }
 

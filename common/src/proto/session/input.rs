@@ -163,6 +163,7 @@ impl Session {
             tag: crc32c(&both) as u16,
             peer_identity: peer.text,
             peer_limits: peer.limits,
+            client_addresses: peer.capabilities & hello::CAPABILITIES & hello::CAP_CLIENT_ADDRESS != 0,
         };
         self.state = State::Established(Box::new(Established {
             info: info.clone(),

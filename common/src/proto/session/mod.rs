@@ -109,6 +109,23 @@ impl Established {
     }
 }
 
+/// Where a session is (see [`Session::phase`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// No link.
+    Down,
+    Handshaking,
+    /// Holding off after failures, until then.
+    Holding {
+        until: Instant,
+    },
+    Established {
+        since: Instant,
+    },
+    /// Shut down for good.
+    Closed,
+}
+
 #[derive(Debug)]
 enum State {
     Down,
@@ -222,6 +239,17 @@ impl Session {
     /// True once a shut-down session has ended: nothing more will happen.
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
+    }
+
+    /// Where the session is, for status reports.
+    pub fn phase(&self) -> Phase {
+        match &self.state {
+            State::Down => Phase::Down,
+            State::Hold { until } => Phase::Holding { until: *until },
+            State::Handshaking(_) => Phase::Handshaking,
+            State::Established(e) => Phase::Established { since: e.since },
+            State::Closed => Phase::Closed,
+        }
     }
 
     pub fn info(&self) -> Option<&SessionInfo> {
@@ -473,6 +501,13 @@ impl Session {
 
     /// (guest) Opens a stream to `service`. DATA may follow at once.
     pub fn open(&mut self, service: &str) -> Result<StreamId, OpenError> {
+        self.open_for(service, None)
+    }
+
+    /// (guest) Opens a stream to `service` for a client at `client` (its
+    /// address as the guest sees it); the host learns it if both sides set
+    /// [`hello::CAP_CLIENT_ADDRESS`]. DATA may follow at once.
+    pub fn open_for(&mut self, service: &str, client: Option<&str>) -> Result<StreamId, OpenError> {
         if self.cfg.role != Role::Guest {
             return Err(OpenError::WrongRole);
         }
@@ -492,7 +527,21 @@ impl Session {
         e.streams
             .insert(stream, Stream::new(e.info.peer_limits.initial_window, window));
         let tag = e.info.tag;
-        push_frame(&mut self.tx, tag, &Frame::Open { stream, service });
+        let payload = match client {
+            Some(c) if e.info.client_addresses => {
+                let c = frame::clip_text(c, hello::MAX_CLIENT_ADDRESS);
+                format!("{service}\0{}", c.replace('\0', ""))
+            }
+            _ => service.to_owned(),
+        };
+        push_frame(
+            &mut self.tx,
+            tag,
+            &Frame::Open {
+                stream,
+                service: &payload,
+            },
+        );
         Ok(stream)
     }
 
@@ -675,6 +724,7 @@ impl Session {
         } else if self.failures >= 2 {
             let exp = (self.failures - 2).min(16);
             let wait = (self.cfg.backoff_first * 2u32.pow(exp)).min(self.cfg.backoff_max);
+            self.stats.holds += 1;
             self.state = State::Hold { until: now + wait };
         } else {
             self.start_handshake(now);
@@ -702,7 +752,7 @@ impl Session {
             refuse: refuse.is_some(),
             nonce,
             echo,
-            capabilities: 0,
+            capabilities: hello::CAPABILITIES,
             limits: self.cfg.limits,
             code: refuse.map_or(Code::NoError, |r| r.0),
             text: refuse.map_or(self.cfg.identity.as_str(), |r| r.1).into(),

@@ -180,7 +180,8 @@ fn open_accepted(p: &mut Pair) -> StreamId {
     p.drive();
     assert!(p.h.take().contains(&Ev::Other(Event::Opened {
         stream: id,
-        service: "amqp".into()
+        service: "amqp".into(),
+        client: None,
     })));
     p.h.s.accept(id);
     p.drive();
@@ -1192,4 +1193,39 @@ fn frames_sent_are_sized_by_this_side_not_by_the_peer() {
     let room = p.h.s.send_space(id).map(|s| s.len());
     assert_eq!(room, Some(16 << 10));
     p.h.s.send_commit(id, 0);
+}
+
+#[test]
+fn open_carries_the_client_address_when_both_sides_can() {
+    let mut p = Pair::new();
+    p.up();
+    assert!(p.g.s.info().unwrap().client_addresses);
+    let id = p.g.s.open_for("amqp", Some("127.0.0.1:40000")).unwrap();
+    p.drive();
+    assert!(p.h.take().contains(&Ev::Other(Event::Opened {
+        stream: id,
+        service: "amqp".into(),
+        client: Some("127.0.0.1:40000".into()),
+    })));
+    // A peer that did not set the capability: a NUL makes no valid name.
+    let mut q = Pair::new();
+    q.up();
+    if let State::Established(e) = &mut q.h.s.state {
+        e.info.client_addresses = false;
+    }
+    let bytes = raw(
+        &q,
+        &[Frame::Open {
+            stream: StreamId(1),
+            service: "amqp\x00127.0.0.1:1",
+        }],
+    );
+    feed_host(&mut q, &bytes);
+    assert!(q.h.has(|e| matches!(
+        e,
+        Event::Refused {
+            code: Code::UnknownService,
+            ..
+        }
+    )));
 }
