@@ -25,7 +25,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINS = ["vios-load", "vios-host-bridge", "vios-guest-bridge", "vios-qemu-standin"]
+BINS = ["vios-load", "vios-host-bridge", "vios-guest-bridge", "vios-qemu-standin", "vios-guests"]
 CLK = os.sysconf("SC_CLK_TCK")
 PATHS = ["direct", "socat", "socat128", "vios"]
 LABEL = {"direct": "direct", "socat": "socat", "socat128": "socat -b 128k", "vios": "vios"}
@@ -923,6 +923,9 @@ def parse_args():
     ap.add_argument("--hold-streams", type=int, default=10000, help="the large idle-stream count (default 10000)")
     ap.add_argument("--no-verify", action="store_true", help="pass --no-verify to bulk down runs")
     ap.add_argument("--out", default=None, help="output directory (default target/bench/<UTC timestamp>)")
+    ap.add_argument("--density", default=None, metavar="N[,N...]",
+                    help="instead of the comparison: N guests against one host bridge (e.g. 100,1000,10000); "
+                         "see scripts/bench_density.py")
     a = ap.parse_args()
     q = a.quick
     a.reps = a.reps or (1 if q else 5)
@@ -975,6 +978,16 @@ def main():
 
     busy0 = cpu_busy()
     log(f"CPU busy before the run (others' load): {busy0 * 100:.0f}%")
+    if a.density:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_density
+        ns = [int(x) for x in a.density.split(",") if x.strip()]
+        info = sysinfo()
+        print(f"- machine: {info.get('cpu', '?')}, {os.cpu_count()} cores; open-files limit {nofile}")
+        print(f"- CPU busy before the run (other work on the machine): {busy0 * 100:.0f}%\n")
+        bench_density.run(bindir, work, outdir, ns, log)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     ctx = Ctx(a, outdir, work, bindir)
     ctx.paths = paths
     info = sysinfo()

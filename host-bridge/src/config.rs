@@ -166,7 +166,7 @@ pub struct Cli {
     pub max_frame: u32,
 
     /// End a session when nothing arrived from the guest for this long
-    /// (1s..1h); PINGs go out after a third of it.
+    /// (1s..1h); PINGs go out after half of it (the guest bridge pings after a third of its own, so its PINGs usually come first).
     #[arg(long, value_name = "DURATION", env = "VIOS_IDLE_TIMEOUT", default_value = "15s", value_parser = parse_idle)]
     pub idle_timeout: Duration,
 

@@ -109,6 +109,7 @@ pub fn spawn(index: usize, settings: Arc<Settings>) -> io::Result<ShardHandle> {
                 touched: Vec::new(),
                 busy: Vec::new(),
                 stopping: None,
+                next_trim: Instant::now() + TRIM_EVERY,
             };
             let r = el.0.run(&mut shard);
             drop(shard);
@@ -157,7 +158,13 @@ struct Shard {
     /// Channels that had work left at the end of the last turn.
     busy: Vec<usize>,
     stopping: Option<Instant>,
+    /// When free memory is next given back to the kernel.
+    next_trim: Instant,
 }
+
+/// How often a loop thread gives the memory its quiet channels freed back
+/// to the kernel.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
 
 fn slot_of(token: Token) -> usize {
     token.0 >> CONN_TOKEN_BITS
@@ -462,6 +469,10 @@ impl Handler for Shard {
             }
         }
         if self.busy.is_empty() {
+            if now >= self.next_trim {
+                self.next_trim = now + TRIM_EVERY;
+                vios_common::sys::release_free_memory();
+            }
             Turn::Idle
         } else {
             Turn::Busy
@@ -469,10 +480,13 @@ impl Handler for Shard {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let t = self.timers.first().map(|&(t, _)| t);
-        match (t, self.stopping) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.timers.first().map(|&(t, _)| t),
+            self.stopping,
+            Some(self.next_trim),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }

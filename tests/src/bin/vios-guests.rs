@@ -20,6 +20,9 @@
 //!   has been echoed, refused or reset; streams stay open;
 //! - `fill [SERVICE]`: every guest opens streams one at a time until one is
 //!   refused; they stay open;
+//! - `echo [SERVICE] [CONCURRENCY]`: every guest opens one stream, checks a
+//!   64-byte echo and closes it, at most CONCURRENCY (default 500) at once;
+//!   reports the wall time (`echo_ms`);
 //! - `rtt I COUNT`: guest I makes COUNT sequential 64-byte round trips on one
 //!   stream (opened for it, then finished); reports p50 and p99;
 //! - `close`: finishes every stream;
@@ -76,6 +79,8 @@ struct Probe {
     started: Option<Instant>,
     /// Record round-trip times and finish the stream when done (rtt).
     timed: bool,
+    /// Finish the stream once echoed (echo).
+    close: bool,
 }
 
 struct Guest {
@@ -100,12 +105,21 @@ struct Counters {
     reset: BTreeMap<String, u64>,
     open_errors: u64,
     rtts_us: Vec<f64>,
+    /// echo: guests still to start, streams in flight, when it began and
+    /// how long it took.
+    echo_queue: std::collections::VecDeque<usize>,
+    echo_in_flight: usize,
+    echo_window: usize,
+    echo_service: String,
+    echo_started: Option<Instant>,
+    echo_ms: Option<u128>,
 }
 
 /// A command waiting for its condition.
 enum Waiting {
     Established(Instant),
     Streams,
+    Echo,
     Fill,
     Rtt,
 }
@@ -113,9 +127,13 @@ enum Waiting {
 struct Peers {
     poll: Poll,
     guests: Vec<Guest>,
+    /// Guests with output queued outside of their own events (a command).
+    dirty: Vec<usize>,
     c: Counters,
     started: Instant,
     all_established_ms: Option<u128>,
+    /// When every guest had a session, in milliseconds since the epoch.
+    all_established_unix_ms: Option<u128>,
 }
 
 fn main() {
@@ -174,9 +192,11 @@ fn run(cli: Cli) -> io::Result<()> {
     let mut p = Peers {
         poll,
         guests,
+        dirty: Vec::new(),
         c: Counters::default(),
         started: Instant::now(),
         all_established_ms: None,
+        all_established_unix_ms: None,
     };
     eprintln!(
         "vios-guests: {} guests listening under {}",
@@ -222,10 +242,7 @@ fn run(cli: Cli) -> io::Result<()> {
                 touched.push(i);
             }
         }
-        if waiting.is_some() {
-            // Commands act on every guest: serve all of them while one runs.
-            touched = (0..p.guests.len()).collect();
-        }
+        touched.append(&mut p.dirty);
         touched.sort_unstable();
         touched.dedup();
         for i in touched {
@@ -233,6 +250,16 @@ fn run(cli: Cli) -> io::Result<()> {
         }
         if p.all_established_ms.is_none() && p.guests.iter().all(|g| g.established) {
             p.all_established_ms = Some(p.started.elapsed().as_millis());
+            p.all_established_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_millis());
+        }
+        if matches!(waiting, Some(Waiting::Echo)) {
+            p.start_echoes();
+            if p.c.echo_queue.is_empty() && p.c.echo_in_flight == 0 && p.c.echo_ms.is_none() {
+                p.c.echo_ms = p.c.echo_started.map(|t| t.elapsed().as_millis());
+            }
         }
         if let Some(w) = &waiting {
             if let Some(done) = p.check(w, now) {
@@ -262,6 +289,15 @@ fn run(cli: Cli) -> io::Result<()> {
                     }
                     waiting = Some(Waiting::Streams);
                 }
+                ["echo", rest @ ..] => {
+                    p.c.echo_service = rest.first().copied().unwrap_or("echo").to_owned();
+                    p.c.echo_window = rest.get(1).and_then(|w| w.parse().ok()).unwrap_or(500);
+                    p.c.echo_queue = (0..p.guests.len()).collect();
+                    p.c.echo_started = Some(now);
+                    p.c.echo_ms = None;
+                    p.start_echoes();
+                    waiting = Some(Waiting::Echo);
+                }
                 ["fill", rest @ ..] => {
                     let service = rest.first().copied().unwrap_or("echo").to_owned();
                     for i in 0..p.guests.len() {
@@ -287,12 +323,13 @@ fn run(cli: Cli) -> io::Result<()> {
                         g.probes.clear();
                         g.filling = None;
                     }
+                    p.dirty.extend(0..p.guests.len());
                     println!("{}", p.report("close"));
                 }
                 _ => println!("{{\"error\":\"unknown command\"}}"),
             }
             io::stdout().flush()?;
-            for i in 0..p.guests.len() {
+            for i in std::mem::take(&mut p.dirty) {
                 p.serve(i, now);
             }
         }
@@ -300,6 +337,36 @@ fn run(cli: Cli) -> io::Result<()> {
 }
 
 impl Peers {
+    /// Starts echo probes while the window has room.
+    fn start_echoes(&mut self) {
+        while self.c.echo_in_flight < self.c.echo_window {
+            let Some(i) = self.c.echo_queue.pop_front() else {
+                break;
+            };
+            let service = self.c.echo_service.clone();
+            let g = &mut self.guests[i];
+            if !g.established {
+                self.c.open_errors += 1;
+                continue;
+            }
+            match g.session.open(&service) {
+                Ok(s) => {
+                    let mut probe = Probe {
+                        rounds_left: 1,
+                        close: true,
+                        ..Probe::default()
+                    };
+                    send_probe(&mut g.session, s, &mut probe, i);
+                    g.probes.insert(s, probe);
+                    self.c.opened += 1;
+                    self.c.echo_in_flight += 1;
+                    self.dirty.push(i);
+                }
+                Err(_) => self.c.open_errors += 1,
+            }
+        }
+    }
+
     fn accept(&mut self, i: usize, now: Instant) {
         let g = &mut self.guests[i];
         loop {
@@ -348,6 +415,7 @@ impl Peers {
                 send_probe(&mut g.session, s, &mut probe, i);
                 g.probes.insert(s, probe);
                 self.c.opened += 1;
+                self.dirty.push(i);
             }
             Err(_) => self.c.open_errors += 1,
         }
@@ -410,7 +478,10 @@ impl Peers {
                             } else {
                                 self.c.echoed += 1;
                                 p.sent.clear();
-                                if p.timed {
+                                if p.close {
+                                    self.c.echo_in_flight -= 1;
+                                }
+                                if p.timed || p.close {
                                     g.session.finish(stream);
                                     g.probes.remove(&stream);
                                 }
@@ -433,12 +504,16 @@ impl Peers {
                         }
                     }
                     Event::Refused { stream, code, .. } => {
-                        g.probes.remove(&stream);
+                        if g.probes.remove(&stream).is_some_and(|p| p.close) {
+                            self.c.echo_in_flight -= 1;
+                        }
                         g.filling = None;
                         *self.c.refused.entry(code.to_string()).or_default() += 1;
                     }
                     Event::Reset { stream, code, .. } => {
-                        g.probes.remove(&stream);
+                        if g.probes.remove(&stream).is_some_and(|p| p.close) {
+                            self.c.echo_in_flight -= 1;
+                        }
                         *self.c.reset.entry(code.to_string()).or_default() += 1;
                     }
                     _ => {}
@@ -496,6 +571,10 @@ impl Peers {
                     .any(|g| g.probes.values().any(|p| p.rounds_left > 0 && !p.sent.is_empty()));
                 (!pending).then(|| self.report(if matches!(w, Waiting::Rtt) { "rtt" } else { "open" }))
             }
+            Waiting::Echo => {
+                let done = self.c.echo_queue.is_empty() && self.c.echo_in_flight == 0;
+                done.then(|| self.report("echo"))
+            }
             Waiting::Fill => {
                 let busy = self.guests.iter().any(|g| g.filling.is_some());
                 (!busy).then(|| self.report("fill"))
@@ -515,6 +594,11 @@ impl Peers {
             .u64("sessions_ended", self.c.ended.values().sum())
             .counts("ended_reasons", &self.c.ended)
             .opt_u64("all_established_ms", self.all_established_ms.map(|v| v as u64))
+            .opt_u64(
+                "all_established_unix_ms",
+                self.all_established_unix_ms.map(|v| v as u64),
+            )
+            .opt_u64("echo_ms", self.c.echo_ms.map(|v| v as u64))
             .u64("opened", self.c.opened)
             .u64("echoed", self.c.echoed)
             .u64(

@@ -56,6 +56,9 @@ use crate::proto::{Code, Event, OpenError, Session, SessionInfo, StreamId};
 
 /// Rounds of read-channel / dispatch / write-channel per turn.
 const ROUNDS: usize = 8;
+/// A channel quiet this long gives its session's buffers back (an idle
+/// guest then costs no buffer; they come back, small, with the next byte).
+const RELEASE_AFTER: Duration = Duration::from_secs(2);
 /// DATA payloads smaller than this are gathered and written once per dispatch.
 const GATHER_BELOW: usize = 4096;
 /// Stream open/close lines logged per second per channel; the rest are counted.
@@ -187,6 +190,9 @@ pub struct Channel {
     /// (host) Connections whose connect failed, with why: the opener tries
     /// the next address or the stream is refused.
     connects_failed: Vec<(usize, StreamId, String)>,
+    /// When bytes last moved on the link, and the counters then.
+    last_io: Instant,
+    io_seen: (u64, u64),
 }
 
 /// What a channel counts over its life (for status and metrics).
@@ -222,6 +228,8 @@ impl Channel {
             stale_refusals: 0,
             connects_done: Vec::new(),
             connects_failed: Vec::new(),
+            last_io: Instant::now(),
+            io_seen: (0, 0),
         }
     }
 
@@ -518,6 +526,7 @@ impl Channel {
         }
         self.dispatch(now, registry, opener);
         self.check_stall(now);
+        self.release_when_quiet(now);
         let stale = self.session.stats().stale_refusals;
         if stale > self.stale_refusals {
             let n = stale - self.stale_refusals;
@@ -529,6 +538,31 @@ impl Channel {
             );
         }
         self.has_work()
+    }
+
+    /// Gives the session's buffers back once the link has been quiet for
+    /// [`RELEASE_AFTER`].
+    fn release_when_quiet(&mut self, now: Instant) {
+        let st = self.session.stats();
+        let seen = (st.bytes_in, st.bytes_out);
+        if seen != self.io_seen {
+            self.io_seen = seen;
+            self.last_io = now;
+        } else if now.saturating_duration_since(self.last_io) >= RELEASE_AFTER
+            && self.session.buffers_allocated() > 0
+            && !self.link.may_read()
+        {
+            self.session.release_buffers();
+            if self.conns.is_empty() {
+                // What held streams keeps its capacity otherwise.
+                self.conns = Slab::default();
+                self.by_stream = HashMap::new();
+                self.ready = VecDeque::new();
+                self.dirty = Vec::new();
+                self.connecting = VecDeque::new();
+                self.closed = Vec::new();
+            }
+        }
     }
 
     /// Ends the session if the peer has read nothing for the write-stall

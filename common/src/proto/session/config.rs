@@ -144,6 +144,17 @@ impl Config {
         Duration::from_millis(u64::from(self.limits.idle_timeout_ms))
     }
 
+    /// When a PING goes out without input (PROTOCOL.md §7): the guest after
+    /// a third of its idle timeout, the host after half of its own, so that
+    /// with equal timeouts the guest's PINGs come first and the host only
+    /// answers them (one wake-up per keepalive for an idle guest, not two).
+    pub(super) fn ping_after(&self) -> Duration {
+        match self.role {
+            Role::Guest => self.idle_timeout() / 3,
+            Role::Host => self.idle_timeout() / 2,
+        }
+    }
+
     pub(super) fn rx_capacity(&self) -> usize {
         let frame = self.limits.max_frame_payload as usize + FRAME_OVERHEAD;
         (2 * frame).max(256 * 1024)

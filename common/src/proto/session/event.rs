@@ -217,8 +217,9 @@ pub struct Stats {
     pub throttled: u64,
     /// OPENs refused for the open rate.
     pub opens_refused_for_rate: u64,
-    /// Bytes written to the channel.
+    /// Bytes written to the channel, and read from it.
     pub bytes_out: u64,
+    pub bytes_in: u64,
     /// Sessions that ended beyond the session rate (counted as failures).
     pub churned: u64,
     /// REFUSE HELLOs ignored because they did not echo this side's nonce.

@@ -352,6 +352,22 @@ impl Session {
     /// `n` bytes were read into [`Session::recv_space`].
     pub fn recv_commit(&mut self, n: usize) {
         self.rx.commit(n);
+        self.stats.bytes_in += n as u64;
+    }
+
+    /// Gives back the input and output buffers if they hold nothing (the
+    /// caller does this once the channel has been quiet for a while); they
+    /// are allocated again, small, when bytes flow.
+    pub fn release_buffers(&mut self) {
+        self.rx.release();
+        if self.est_ref().is_none_or(|e| e.pending_pong.is_none()) {
+            self.tx.release();
+        }
+    }
+
+    /// Bytes the input and output buffers hold allocated.
+    pub fn buffers_allocated(&self) -> usize {
+        self.rx.allocated() + self.tx.allocated()
     }
 
     /// The next event, parsing buffered input as needed. Call until `None`,
@@ -439,7 +455,7 @@ impl Session {
                 let idle = self.cfg.idle_timeout();
                 let mut t = e.last_rx + idle;
                 if e.ping.is_none() {
-                    t = t.min(e.last_rx + idle / 3);
+                    t = t.min(e.last_rx + self.cfg.ping_after());
                 }
                 if let Some(d) = e.drain_until {
                     t = t.min(d);
@@ -487,7 +503,7 @@ impl Session {
                 } else if now >= e.last_rx + idle {
                     let ev = self.end(EndReason::IdleTimeout(idle), now);
                     self.queued.push_back(ev);
-                } else if e.ping.is_none() && now >= e.last_rx + idle / 3 {
+                } else if e.ping.is_none() && now >= e.last_rx + self.cfg.ping_after() {
                     let opaque = self.rng.next_u64().to_be_bytes();
                     e.ping = Some(opaque);
                     let tag = e.info.tag;
