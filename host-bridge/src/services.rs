@@ -194,7 +194,7 @@ impl Opener for ServiceOpener<'_> {
         &mut self,
         stream: StreamId,
         service: &str,
-        attempt: usize,
+        tried: &[SocketAddr],
         now: Instant,
     ) -> Result<Opening, (Code, String)> {
         let Some(svc) = self.service(service) else {
@@ -209,23 +209,36 @@ impl Opener for ServiceOpener<'_> {
                 format!("guest {} may not open {service:?}", self.guest),
             ));
         }
-        let candidates = svc.candidates(now);
-        let Some(&addr) = candidates.get(attempt) else {
+        // Not by position: a failed address moves to the end of the list.
+        // A connect that fails at once (not in progress) goes on to the next.
+        let mut last = None;
+        let mut sock_addr = None;
+        for addr in svc.candidates(now).into_iter().filter(|a| !tried.contains(a)) {
+            match connect(addr, self.settings.service_buffer) {
+                Ok(sock) => {
+                    sock_addr = Some((sock, addr));
+                    break;
+                }
+                Err(e) => {
+                    svc.report(addr, false, now);
+                    if sys::is_resource_error(&e) {
+                        return Err((Code::ResourceLimit, format!("connect to {addr}: {e}")));
+                    }
+                    last = Some(format!("connect to {addr}: {e}"));
+                }
+            }
+        }
+        let Some((sock, addr)) = sock_addr else {
             let list: Vec<String> = svc.spec.addrs.iter().map(ToString::to_string).collect();
+            let last = last.map(|l| format!("; last: {l}")).unwrap_or_default();
             return Err((
                 Code::Unreachable,
-                format!("no address of service {service} answered ({})", list.join(", ")),
+                format!(
+                    "no address of service {service} answered ({}){last}",
+                    list.join(", ")
+                ),
             ));
         };
-        let sock = connect(addr, self.settings.service_buffer).map_err(|e| {
-            svc.report(addr, false, now);
-            let code = if sys::is_resource_error(&e) {
-                Code::ResourceLimit
-            } else {
-                Code::Unreachable
-            };
-            (code, format!("connect to {addr}: {e}"))
-        })?;
         if let Err(e) = sock.set_nodelay(true) {
             debug!("set TCP_NODELAY on a socket to {addr}: {e}");
         }
@@ -311,6 +324,44 @@ mod tests {
         assert_eq!(svc.candidates(t0 + Duration::from_millis(2500))[0], a[1]);
         svc.report(a[0], true, t0 + Duration::from_millis(2500));
         assert_eq!(svc.candidates(t0 + Duration::from_millis(2500)), a);
+    }
+
+    /// The stream that finds an address dead goes on to the next one, not
+    /// to whatever is now at its attempt's position (the dead address moved
+    /// to the end of the list).
+    #[test]
+    fn a_stream_never_tries_an_address_twice() {
+        use clap::Parser;
+        let cli = crate::config::Cli::try_parse_from([
+            "vios-host-bridge",
+            "--guest",
+            "g=/nonexistent",
+            "--service",
+            "amqp=127.0.0.1:9|127.0.0.1:10|127.0.0.1:11",
+        ])
+        .unwrap();
+        let settings = Settings::new(
+            &cli,
+            std::sync::Arc::new(vios_common::io::limits::Descriptors::unlimited()),
+        );
+        let mut opener = ServiceOpener {
+            guest: "g",
+            channel: "c",
+            identity: "fd56:696f:7300::1".parse().unwrap(),
+            settings: &settings,
+        };
+        let now = Instant::now();
+        let mut tried = Vec::new();
+        for _ in 0..3 {
+            let o = opener.open(StreamId(1), "amqp", &tried, now).unwrap();
+            let addr = o.addr.unwrap();
+            assert!(!tried.contains(&addr), "{addr} tried twice: {tried:?}");
+            opener.connected("amqp", addr, false, now);
+            tried.push(addr);
+        }
+        let (code, text) = opener.open(StreamId(1), "amqp", &tried, now).err().unwrap();
+        assert_eq!(code, Code::Unreachable);
+        assert!(text.contains("no address of service amqp answered"), "{text}");
     }
 
     #[test]

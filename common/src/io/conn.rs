@@ -85,6 +85,8 @@ pub struct Conn {
     /// this is (the next address after a failure).
     pub addr: Option<std::net::SocketAddr>,
     pub attempt: usize,
+    /// (host) Addresses this stream's connects failed at.
+    pub tried: Vec<std::net::SocketAddr>,
     /// Bytes at the front of `pending` that are not stream data (a PROXY
     /// header): written first, never counted as data or credit.
     preamble_left: usize,
@@ -139,6 +141,7 @@ impl Conn {
             client: None,
             addr: None,
             attempt: 0,
+            tried: Vec::new(),
             preamble_left: 0,
         })
     }
@@ -150,6 +153,10 @@ impl Conn {
         for &b in bytes.iter().rev() {
             self.pending.push_front(b);
         }
+        // The header goes out in one write: a service may parse it from
+        // its first read (RabbitMQ does), so it must not be split where
+        // the ring wraps.
+        self.pending.make_contiguous();
         self.preamble_left = bytes.len();
     }
 

@@ -75,15 +75,15 @@ pub const MAX_CONNS: usize = (1 << CONN_TOKEN_BITS) - 1;
 
 /// How the host side turns a stream the guest opened into a socket.
 pub trait Opener {
-    /// Starts connecting `stream` to `service`. `attempt` counts the
-    /// connects of this stream that failed so far: 0 is the first choice,
-    /// 1 the next address of a service that has several, and so on; with no
-    /// address left, the refusal. The connect may still be in progress.
+    /// Starts connecting `stream` to `service`. `tried` lists the addresses
+    /// this stream's connects already failed at (empty the first time): the
+    /// opener picks one not among them, or refuses when none is left. The
+    /// connect may still be in progress.
     fn open(
         &mut self,
         stream: StreamId,
         service: &str,
-        attempt: usize,
+        tried: &[SocketAddr],
         now: Instant,
     ) -> Result<Opening, (Code, String)>;
 
@@ -106,7 +106,13 @@ pub struct Opening {
 pub struct NoOpener;
 
 impl Opener for NoOpener {
-    fn open(&mut self, _: StreamId, _: &str, _: usize, _: Instant) -> Result<Opening, (Code, String)> {
+    fn open(
+        &mut self,
+        _: StreamId,
+        _: &str,
+        _: &[SocketAddr],
+        _: Instant,
+    ) -> Result<Opening, (Code, String)> {
         Err((Code::NotPermitted, "the guest accepts no streams".into()))
     }
 }
@@ -779,7 +785,7 @@ impl Channel {
             self.refuse(stream, Code::ResourceLimit, &text);
             return;
         }
-        let opening = match opener.open(stream, &service, 0, now) {
+        let opening = match opener.open(stream, &service, &[], now) {
             Ok(o) => o,
             Err((code, text)) => {
                 self.cfg.budget.release_stream();
@@ -832,10 +838,11 @@ impl Channel {
             }
             if let Some(addr) = conn.addr {
                 opener.connected(&conn.service, addr, false, now);
+                conn.tried.push(addr);
             }
             let (stream, attempt) = (conn.stream, conn.attempt + 1);
             let service = conn.service.clone();
-            match opener.open(stream, &service, attempt, now) {
+            match opener.open(stream, &service, &conn.tried, now) {
                 Ok(o) => {
                     let token = Token(self.token_base + 1 + key);
                     let conn = self.conns.get_mut(key).expect("live key");

@@ -58,9 +58,10 @@ impl Opener for TestOpener<'_> {
         &mut self,
         _: StreamId,
         service: &str,
-        attempt: usize,
+        tried: &[SocketAddr],
         _: Instant,
     ) -> Result<Opening, (Code, String)> {
+        let attempt = tried.len();
         match &mut self.0 {
             _ if service != "svc" => Err((Code::UnknownService, format!("no {service}"))),
             Service::Pairs(_) | Service::Tcp(_) | Service::Broken if attempt > 0 => {
