@@ -68,7 +68,7 @@ pub struct Bridge {
 
 impl Bridge {
     pub fn new(cli: Cli, channel: Channel, listeners: Vec<Listener>) -> Bridge {
-        let newcomers = usize::from(cli.user_shares);
+        let newcomers = cli.user_shares;
         let queue = FairShare::with_newcomers(cli.max_waiting, newcomers);
         let streams = FairShare::with_newcomers(0, newcomers);
         Bridge {

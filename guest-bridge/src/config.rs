@@ -72,10 +72,11 @@ pub struct Cli {
     pub socket_group: Option<String>,
 
     /// Share streams and the waiting queue fairly between local users (by
-    /// uid, as the kernel reports it): each user present, and one more who
-    /// may yet come, is guaranteed an equal part, so one user cannot take
-    /// every stream. Set to false where every client runs as one user and
-    /// should have the host's whole stream limit.
+    /// uid, as the kernel reports it): an eighth is kept for a user who may
+    /// yet come, and each user present is guaranteed an equal part of the
+    /// rest, so one user cannot take every stream. Set to false where every
+    /// client runs as one user and should have the host's whole stream
+    /// limit.
     #[arg(long, value_name = "BOOL", env = "VIOS_USER_SHARES", default_value = "true",
           value_parser = vios_common::cli::parse_bool, action = clap::ArgAction::Set)]
     pub user_shares: bool,

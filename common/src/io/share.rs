@@ -1,14 +1,17 @@
 //! Fair shares of a limited room (descriptors on the host, stream slots on
 //! the guest) between holders that come and go (guests, local users).
 //!
-//! Each holder present, and one newcomer that may yet arrive, is guaranteed
-//! an equal part: `room / (holders + 1)`. A holder may use more while others
-//! do not need theirs, but never what the others (and the newcomer) are still
-//! owed: past its part it takes a unit only if, after it, every holder
-//! present could still reach its part and a newcomer would find its own. So
-//! nobody can take the last unit someone else is entitled to, and the first
-//! to arrive cannot lock out the second. Nothing is taken back: a holder
-//! that borrowed keeps what it holds until it lets go.
+//! A part is kept for a holder that may yet arrive: an eighth of the room,
+//! or an equal share if that is less (`room / (holders + 1)`). Each holder
+//! present is guaranteed an equal part of the rest. A holder may use more
+//! while others do not need theirs, but never what the others (and the
+//! newcomer) are still owed: past its part it takes a unit only if, after
+//! it, every holder present could still reach its part and a newcomer would
+//! find its own. So nobody can take the last unit someone else is entitled
+//! to, and the first to arrive cannot lock out the second, while a lone
+//! holder still has seven eighths of the room. Nothing is taken back: a
+//! holder that borrowed keeps what it holds until it lets go; as it does,
+//! what it frees goes to those owed.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -29,18 +32,21 @@ pub struct FairShare<K> {
     total: usize,
     /// What holders below their part, and one newcomer, are still owed.
     owed: usize,
-    /// Parts kept for holders yet to come (1, or 0: a lone holder may take
-    /// everything).
-    newcomers: usize,
+    /// Whether a part is kept for a holder yet to come (if not, a lone holder
+    /// may take everything).
+    newcomers: bool,
 }
+
+/// The newcomer's part is at most this fraction of the room.
+const NEWCOMER_DIVISOR: usize = 8;
 
 impl<K: Hash + Eq + Clone> FairShare<K> {
     pub fn new(room: usize) -> FairShare<K> {
-        FairShare::with_newcomers(room, 1)
+        FairShare::with_newcomers(room, true)
     }
 
-    /// Keeping `newcomers` parts (0 or more) for holders yet to come.
-    pub fn with_newcomers(room: usize, newcomers: usize) -> FairShare<K> {
+    /// Keeping a part for a holder yet to come, or not.
+    pub fn with_newcomers(room: usize, newcomers: bool) -> FairShare<K> {
         let mut s = FairShare {
             room,
             held: HashMap::new(),
@@ -52,14 +58,29 @@ impl<K: Hash + Eq + Clone> FairShare<K> {
         s
     }
 
+    /// The part kept for a newcomer while `holders` are present.
+    fn reserve(&self, holders: usize) -> usize {
+        if self.newcomers {
+            (self.room / (holders + 1)).min(self.room.div_ceil(NEWCOMER_DIVISOR))
+        } else {
+            0
+        }
+    }
+
+    /// Each holder's guaranteed part while `holders` are present.
+    fn share_of(&self, holders: usize) -> usize {
+        (self.room - self.reserve(holders)) / holders.max(1)
+    }
+
     /// Each holder's guaranteed part now.
     pub fn share(&self) -> usize {
-        self.room / (self.held.len() + self.newcomers).max(1)
+        self.share_of(self.held.len())
     }
 
     fn recount(&mut self) {
         let f = self.share();
-        self.owed = self.newcomers * f + self.held.values().map(|&h| f.saturating_sub(h)).sum::<usize>();
+        self.owed =
+            self.reserve(self.held.len()) + self.held.values().map(|&h| f.saturating_sub(h)).sum::<usize>();
     }
 
     /// `k` is present: from now on its part is guaranteed.
@@ -110,8 +131,10 @@ impl<K: Hash + Eq + Clone> FairShare<K> {
             Some(_) => (self.share(), self.owed),
             // Joining makes the part smaller and adds what `k` is owed.
             None => {
-                let s = self.room / (self.held.len() + 1 + self.newcomers);
-                let owed = (self.newcomers + 1) * s
+                let holders = self.held.len() + 1;
+                let s = self.share_of(holders);
+                let owed = self.reserve(holders)
+                    + s
                     + self.held.values().map(|&h| s.saturating_sub(h)).sum::<usize>();
                 (s, owed)
             }
@@ -163,20 +186,26 @@ mod tests {
     #[test]
     fn the_first_holder_cannot_lock_out_the_second() {
         let mut s = FairShare::new(100);
-        // Alone, a holder gets half: the other half waits for a newcomer.
+        // Alone, a holder gets seven eighths: 13 wait for a newcomer.
         let first = (0..100).filter(|_| s.try_take(&"a").is_ok()).count();
-        assert_eq!(first, 50);
+        assert_eq!(first, 87);
         assert_eq!(
             s.try_take(&"a"),
             Err(ShareRefusal::Share {
-                share: 50,
+                share: 87,
                 holders: 1
             })
         );
-        // The newcomer finds its part (a third now: one more may come).
+        // The newcomer finds the part kept for it at once ...
         let second = (0..100).filter(|_| s.try_take(&"b").is_ok()).count();
-        assert_eq!(second, 33);
-        assert_eq!(s.held_by(&"a") + s.held_by(&"b") + 17, 100);
+        assert_eq!(second, 13);
+        assert_eq!(s.try_take(&"b"), Err(ShareRefusal::Full { room: 100 }));
+        // ... and what the first lets go, up to its own part (43).
+        for _ in 0..40 {
+            s.release(&"a");
+        }
+        assert_eq!((0..100).filter(|_| s.try_take(&"b").is_ok()).count(), 30);
+        assert!(!s.may_take(&"a"), "a is past its part while b is owed");
     }
 
     #[test]
@@ -185,42 +214,36 @@ mod tests {
         for k in 1..=4 {
             s.join(k);
         }
-        // 5 parts of 20 (4 holders and a newcomer); holder 1 may use its own
-        // and nothing the other three and the newcomer are owed.
-        assert_eq!((0..100).filter(|_| s.try_take(&1).is_ok()).count(), 20);
+        // 13 kept for a newcomer, parts of 21 for the four present; holder 1
+        // may use its own and the 3 left over, nothing the others and the
+        // newcomer are owed.
+        assert_eq!((0..100).filter(|_| s.try_take(&1).is_ok()).count(), 24);
         for k in 2..=4 {
-            assert_eq!((0..100).filter(|_| s.try_take(&k).is_ok()).count(), 20);
+            assert_eq!((0..100).filter(|_| s.try_take(&k).is_ok()).count(), 21);
         }
-        // The newcomer's part was kept for it: it finds its 16 (six parts
-        // now), and 4 stay for the next one.
-        assert_eq!((0..100).filter(|_| s.try_take(&5).is_ok()).count(), 16);
-        assert_eq!(
-            s.try_take(&5),
-            Err(ShareRefusal::Share {
-                share: 16,
-                holders: 5
-            })
-        );
+        // The newcomer's part was kept for it: it finds its 13.
+        assert_eq!((0..100).filter(|_| s.try_take(&5).is_ok()).count(), 13);
+        assert_eq!(s.try_take(&5), Err(ShareRefusal::Full { room: 100 }));
         // Holders that leave give their parts to the rest.
-        for _ in 0..20 {
+        for _ in 0..21 {
             s.release(&4);
         }
         s.leave(&4);
-        assert_eq!(s.total(), 76);
-        // Five parts of 20 again: holder 5 is owed 4, the newcomer 20, so
-        // holder 1, at its part, may not borrow the 24 that are free.
+        assert_eq!(s.total(), 79);
+        // Holder 5 is owed 8 of its 21, the next newcomer 13: holder 1, past
+        // its part, may not borrow the 21 that are free.
         assert!(s.may_take(&5) && !s.may_take(&1));
     }
 
     #[test]
     fn without_a_newcomers_part_a_lone_holder_takes_all() {
-        let mut s = FairShare::with_newcomers(10, 0);
+        let mut s = FairShare::with_newcomers(10, false);
         assert_eq!((0..20).filter(|_| s.try_take(&0).is_ok()).count(), 10);
     }
 
     #[test]
     fn may_take_agrees_with_try_take() {
-        let mut s = FairShare::with_newcomers(37, 1);
+        let mut s = FairShare::with_newcomers(37, true);
         let mut rng = 12345u64;
         for _ in 0..5000 {
             rng ^= rng << 13;
@@ -241,7 +264,7 @@ mod tests {
                 }
             }
             let f = s.share();
-            let owed = s.newcomers * f + s.held.values().map(|&h| f.saturating_sub(h)).sum::<usize>();
+            let owed = s.reserve(s.held.len()) + s.held.values().map(|&h| f.saturating_sub(h)).sum::<usize>();
             assert_eq!(s.owed, owed, "owed drifted");
             assert!(s.total <= s.room);
         }
