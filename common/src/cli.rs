@@ -62,6 +62,11 @@ pub fn parse_frame(s: &str) -> Result<u32, String> {
     )
 }
 
+/// A channel in-flight limit (PROTOCOL.md §6.1): 64 KiB to 64 MiB.
+pub fn parse_inflight(s: &str) -> Result<usize, String> {
+    parse_size_in(s, crate::proto::session::MIN_INFLIGHT as u64, 64 << 20).map(|n| n as usize)
+}
+
 /// A session idle timeout: 1 s to 1 h.
 pub fn parse_idle(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;

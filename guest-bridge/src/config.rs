@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use vios_common::cli::{parse_duration, parse_frame, parse_idle, parse_window};
+use vios_common::cli::{parse_duration, parse_frame, parse_idle, parse_inflight, parse_window};
 use vios_common::io::link::ChannelSpec;
 use vios_common::proto::frame::check_service_name;
 
@@ -117,6 +117,14 @@ pub struct Cli {
     /// Largest frame payload accepted from the host.
     #[arg(long, value_name = "BYTES", env = "VIOS_MAX_FRAME", default_value = "256K", value_parser = parse_frame)]
     pub max_frame: u32,
+
+    /// Bytes written to the channel and not yet acknowledged beyond which
+    /// bulk data waits while two or more connections are open (when both
+    /// bridges acknowledge, PROTOCOL.md §6.1): small messages never wait
+    /// behind more than this much of other connections' data. Lower: less latency beside bulk transfers; higher:
+    /// more throughput on a slow or distant channel. 64K..64M.
+    #[arg(long, value_name = "BYTES", env = "VIOS_INFLIGHT", default_value = "192K", value_parser = parse_inflight)]
+    pub inflight: usize,
 
     /// End a session when nothing arrived from the host for this long (1s..1h).
     #[arg(long, value_name = "DURATION", env = "VIOS_IDLE_TIMEOUT", default_value = "15s", value_parser = parse_idle)]

@@ -69,6 +69,7 @@ pub fn run(cli: Cli) -> io::Result<()> {
         max_streams: 1,
         idle_timeout_ms: cli.idle_timeout.as_millis() as u32,
     };
+    cfg.inflight_limit = cli.inflight;
     // The host is the trusted side: no rate limits on what it sends.
     cfg.policy = Policy::unlimited();
     let link = Link::new(cli.channel.clone(), LINK, Instant::now());

@@ -10,7 +10,9 @@ use clap::Parser;
 use crate::identity::Prefix;
 use crate::policy::AllowRule;
 pub use crate::services::ServiceSpec;
-use vios_common::cli::{parse_duration, parse_frame, parse_idle, parse_size, parse_window, split_named};
+use vios_common::cli::{
+    parse_duration, parse_frame, parse_idle, parse_inflight, parse_size, parse_window, split_named,
+};
 use vios_common::proto::session::{
     DEFAULT_CONTROL_RATE, DEFAULT_FRAME_RATE, DEFAULT_OPEN_RATE, DEFAULT_SCAN_BYTES_PER_SEC,
     DEFAULT_SESSIONS_PER_MINUTE, DEFAULT_VIOLATIONS_PER_10S,
@@ -164,6 +166,14 @@ pub struct Cli {
     /// Largest frame payload accepted from a guest.
     #[arg(long, value_name = "BYTES", env = "VIOS_MAX_FRAME", default_value = "256K", value_parser = parse_frame)]
     pub max_frame: u32,
+
+    /// Bytes written to the channel and not yet acknowledged beyond which
+    /// bulk data waits while two or more connections are open (when both
+    /// bridges acknowledge, PROTOCOL.md §6.1): small messages never wait
+    /// behind more than this much of other connections' data. Lower: less latency beside bulk transfers; higher:
+    /// more throughput on a slow or distant channel. 64K..64M.
+    #[arg(long, value_name = "BYTES", env = "VIOS_INFLIGHT", default_value = "192K", value_parser = parse_inflight)]
+    pub inflight: usize,
 
     /// End a session when nothing arrived from the guest for this long
     /// (1s..1h); PINGs go out after half of it (the guest bridge pings after a third of its own, so its PINGs usually come first).

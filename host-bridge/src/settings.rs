@@ -26,6 +26,8 @@ pub struct Settings {
     /// Where the other guests' identities come from.
     pub identity_prefix: Prefix,
     pub limits: Limits,
+    /// The channel in-flight limit (PROTOCOL.md §6.1).
+    pub inflight: usize,
     pub policy: Policy,
     pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
@@ -50,6 +52,7 @@ impl Settings {
             allow: cli.allow.clone(),
             addresses: cli.guest_addresses.iter().cloned().collect(),
             identity_prefix: cli.identity_prefix,
+            inflight: cli.inflight,
             limits: Limits {
                 max_frame_payload: cli.max_frame,
                 initial_window: cli.window,

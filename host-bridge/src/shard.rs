@@ -396,6 +396,7 @@ fn new_channel(
     let version = env!("CARGO_PKG_VERSION");
     let mut cfg = SessionConfig::new(Role::Host, format!("vios-host-bridge {version}"));
     cfg.limits = settings.limits;
+    cfg.inflight_limit = settings.inflight;
     cfg.policy = settings.policy.clone();
     cfg.hello_deadline = settings.handshake_timeout;
     let link = Link::new(

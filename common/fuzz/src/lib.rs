@@ -169,6 +169,9 @@ fuzz_enum! {
         /// `last`: echo the last PING the host sent, if any; else `opaque`.
         Pong { last: u8, opaque: [u8; 8] },
         GoAway { code: u16, drain_ms: u32, text: u8 },
+        /// `valid` odd: a count at most what the host has sent (`back`
+        /// bytes less); even: `back` as is.
+        Ack { valid: u8, back: u64 },
     }
 }
 
@@ -183,7 +186,7 @@ fuzz_struct! {
         pub role: u8,
         pub min_version: u8,
         pub max_version: u8,
-        /// Bit 0: REFUSE.
+        /// Bit 0: REFUSE. Bit 1: CHANNEL_ACK.
         pub flags: u8,
         /// 0: the reference defaults; 1: small valid limits from the values
         /// below; otherwise the raw values below (mostly out of range).
@@ -624,6 +627,15 @@ impl Harness {
                     text: frame::clip_text(&reason, frame::MAX_GOAWAY_TEXT),
                 }
             }
+            FrameOp::Ack { valid, back } => {
+                let sent = self.host.frames_sent();
+                let received = if valid % 2 == 1 {
+                    sent - back % (sent + 1)
+                } else {
+                    *back
+                };
+                Frame::Ack { received }
+            }
         };
         let mut b = vec![0u8; f.encoded_len()];
         f.encode(self.tag, &mut b);
@@ -669,7 +681,7 @@ impl Harness {
             refuse: op.flags & 1 != 0,
             nonce: op.nonce,
             echo,
-            capabilities: 0,
+            capabilities: if op.flags & 2 != 0 { hello::CAP_CHANNEL_ACK } else { 0 },
             limits,
             code: Code::from_u16(op.code),
             text: text(op.text).into(),
@@ -966,8 +978,8 @@ impl Harness {
     /// - no more streams than the host's declared max streams;
     /// - the session's live streams are exactly those its events announced.
     fn check(&mut self) {
-        let tx = self.host.poll_transmit().len();
-        assert!(tx <= MAX_TX, "poll_transmit holds {tx} bytes");
+        let tx = self.host.poll_transmit().len().max(self.host.tx_pending());
+        assert!(tx <= MAX_TX, "the transmit queue holds {tx} bytes");
         let rx = self.host.recv_space().len();
         assert!(
             rx <= self.rx_capacity,

@@ -74,12 +74,24 @@ impl RxBuf {
         self.start == self.end
     }
 
-    /// No room to read into, even after compaction and growth.
+    /// No room to read into: the buffer holds `cap` bytes, or it is at
+    /// `cap` with its tail used up and less than [`RxBuf::min_gap`] consumed
+    /// before the bytes it holds. In the second case it waits for more to be
+    /// consumed rather than move almost all of it to free a few bytes (a
+    /// consumer throttled to small batches would otherwise move the whole
+    /// buffer per batch). A consumer whose largest unit is at most
+    /// `cap - cap / 4` bytes can always take one from a full buffer.
     pub fn is_full(&self) -> bool {
-        self.end - self.start >= self.cap
+        self.len() >= self.cap
+            || (self.buf.len() == self.cap && self.end == self.cap && self.start < self.min_gap())
     }
 
-    /// Free space to read into; empty only when the buffer is full.
+    /// Consumed bytes that make compacting a full buffer worth it.
+    fn min_gap(&self) -> usize {
+        MIN_READ.min(self.cap / 4).max(1)
+    }
+
+    /// Free space to read into; empty only when [`RxBuf::is_full`].
     pub fn space(&mut self) -> &mut [u8] {
         if self.start == self.end {
             self.start = 0;
@@ -89,10 +101,15 @@ impl RxBuf {
                 self.trim();
             }
         }
+        if self.is_full() {
+            return &mut [];
+        }
         let tail = self.buf.len() - self.end;
-        if tail < MIN_READ && self.start > 0 && (self.start >= self.buf.len() / 2 || tail == 0) {
-            // Compact only once at least half the buffer was consumed, so
-            // each byte is moved at most about once however input is cut.
+        let at_cap = self.buf.len() == self.cap;
+        if tail < MIN_READ && self.start > 0 && (self.start >= self.buf.len() / 2 || (tail == 0 && at_cap)) {
+            // Compact once at least half the buffer was consumed, so each
+            // byte is moved at most about once however input is cut; or, at
+            // the cap with no tail left, once at least the minimum gap was.
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
@@ -252,6 +269,17 @@ impl TxBuf {
         self.peak = self.peak.max(self.end + n);
     }
 
+    /// Takes back the last `n` bytes appended (they moved elsewhere, or
+    /// are no longer wanted).
+    pub fn truncate_back(&mut self, n: usize) {
+        assert!(n <= self.len(), "truncated past the pending bytes");
+        self.end -= n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
     /// Appends `n` bytes and returns them to be filled in.
     pub fn append(&mut self, n: usize) -> &mut [u8] {
         self.slot = None;
@@ -310,6 +338,28 @@ mod tests {
         rx.consume(n - 3);
         assert_eq!(rx.space().len(), MIN_READ * 2 - 3);
         assert_eq!(rx.filled(), &[7, 7, 7]);
+    }
+
+    #[test]
+    fn a_full_buffer_consumed_in_crumbs_is_not_moved_for_each() {
+        let cap = 256 * 1024;
+        let mut rx = RxBuf::with_capacity(cap);
+        while fill_all(&mut rx) > 0 {}
+        assert_eq!(rx.len(), cap);
+        // A throttled consumer takes a few hundred bytes at a time: no read
+        // (and no compaction) until a minimum gap was consumed.
+        let mut taken = 0;
+        while taken + 560 < MIN_READ {
+            rx.consume(560);
+            taken += 560;
+            assert!(rx.is_full());
+            assert!(rx.space().is_empty(), "moved {} bytes to free {taken}", rx.len());
+        }
+        rx.consume(560);
+        assert!(!rx.is_full());
+        assert_eq!(rx.space().len(), taken + 560);
+        // The largest unit a consumer may rely on still fits.
+        assert!(rx.len() >= cap - cap / 4);
     }
 
     #[test]

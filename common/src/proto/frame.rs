@@ -41,19 +41,25 @@ pub enum FrameType {
     Ping = 7,
     Pong = 8,
     GoAway = 9,
+    Ack = 10,
 }
 
 impl FrameType {
     fn from_u8(b: u8) -> Option<FrameType> {
         use FrameType::*;
-        [Data, Open, Accept, Refuse, Credit, Fin, Reset, Ping, Pong, GoAway]
-            .get(usize::from(b))
-            .copied()
+        [
+            Data, Open, Accept, Refuse, Credit, Fin, Reset, Ping, Pong, GoAway, Ack,
+        ]
+        .get(usize::from(b))
+        .copied()
     }
 
     /// Session frames travel on stream 0; all others on a stream.
     fn is_session_frame(self) -> bool {
-        matches!(self, FrameType::Ping | FrameType::Pong | FrameType::GoAway)
+        matches!(
+            self,
+            FrameType::Ping | FrameType::Pong | FrameType::GoAway | FrameType::Ack
+        )
     }
 }
 
@@ -99,6 +105,11 @@ pub enum Frame<'a> {
         drain_ms: u32,
         text: &'a str,
     },
+    /// (CHANNEL_ACK) Bytes of this session's frames the sender has received
+    /// so far (PROTOCOL.md §6.1).
+    Ack {
+        received: u64,
+    },
 }
 
 impl Frame<'_> {
@@ -114,6 +125,7 @@ impl Frame<'_> {
             Frame::Ping { .. } => FrameType::Ping,
             Frame::Pong { .. } => FrameType::Pong,
             Frame::GoAway { .. } => FrameType::GoAway,
+            Frame::Ack { .. } => FrameType::Ack,
         }
     }
 
@@ -127,7 +139,7 @@ impl Frame<'_> {
             | Frame::Credit { stream, .. }
             | Frame::Fin { stream }
             | Frame::Reset { stream, .. } => stream,
-            Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway { .. } => StreamId(0),
+            Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway { .. } | Frame::Ack { .. } => StreamId(0),
         }
     }
 
@@ -139,7 +151,7 @@ impl Frame<'_> {
             Frame::Accept { .. } | Frame::Fin { .. } => 0,
             Frame::Refuse { text, .. } | Frame::Reset { text, .. } => 2 + text.len(),
             Frame::Credit { .. } => 4,
-            Frame::Ping { .. } | Frame::Pong { .. } => 8,
+            Frame::Ping { .. } | Frame::Pong { .. } | Frame::Ack { .. } => 8,
             Frame::GoAway { text, .. } => 6 + text.len(),
         }
     }
@@ -174,6 +186,7 @@ impl Frame<'_> {
                 body[2..6].copy_from_slice(&drain_ms.to_be_bytes());
                 body[6..].copy_from_slice(text.as_bytes());
             }
+            Frame::Ack { received } => body.copy_from_slice(&received.to_be_bytes()),
         }
         write_trailer(dst, tag);
     }
@@ -386,6 +399,12 @@ fn parse_body(ty: FrameType, stream: StreamId, body: &[u8]) -> Result<Frame<'_>,
             let drain_ms = u32::from_be_bytes(body[2..6].try_into().unwrap());
             let text = std::str::from_utf8(&body[6..]).map_err(|_| bad("text is not UTF-8"))?;
             Frame::GoAway { code, drain_ms, text }
+        }
+        FrameType::Ack => {
+            fixed(8)?;
+            Frame::Ack {
+                received: u64::from_be_bytes(body.try_into().unwrap()),
+            }
         }
     })
 }

@@ -24,8 +24,12 @@ pub const MAX_HELLO_TEXT: usize = 256;
 /// Capability bit 0: OPEN may carry the guest client's address after the
 /// service name (PROTOCOL.md §5.2), when both sides set it.
 pub const CAP_CLIENT_ADDRESS: u32 = 1;
+/// Capability bit 1: each side acknowledges the frame bytes it received
+/// (ACK frames), so the other can keep the bytes in flight on the channel
+/// small (PROTOCOL.md §6.1), when both sides set it.
+pub const CAP_CHANNEL_ACK: u32 = 2;
 /// The capabilities this implementation sets.
-pub const CAPABILITIES: u32 = CAP_CLIENT_ADDRESS;
+pub const CAPABILITIES: u32 = CAP_CLIENT_ADDRESS | CAP_CHANNEL_ACK;
 /// Longest client address an OPEN may carry.
 pub const MAX_CLIENT_ADDRESS: usize = 128;
 

@@ -10,6 +10,7 @@ pub mod rate;
 pub mod rng;
 pub mod session;
 pub mod text;
+pub mod txqueue;
 #[cfg(test)]
 mod vectors;
 

@@ -153,6 +153,7 @@ fn frames() -> Vec<(&'static str, Frame<'static>)> {
                 text: "bye",
             },
         ),
+        ("frame-ack", Frame::Ack { received: 65536 }),
     ]
 }
 

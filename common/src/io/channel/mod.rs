@@ -521,11 +521,11 @@ impl Channel {
             }
             self.dispatch(now, registry, opener);
             self.serve_ready(now, registry);
-            let before = self.session.poll_transmit().len();
+            let before = self.session.stats().bytes_out;
             if let Some(news) = self.link.write(now, registry, &mut self.session) {
                 self.log_link(news, now);
             }
-            let wrote = before != self.session.poll_transmit().len();
+            let wrote = before != self.session.stats().bytes_out;
             if !wrote && !self.link.may_read() {
                 break;
             }

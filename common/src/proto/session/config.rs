@@ -31,7 +31,24 @@ pub struct Config {
     pub window_max: u32,
     /// Extra window all streams of a session may draw, together.
     pub window_pool: u32,
+    /// With CHANNEL_ACK: frame bytes written to the channel and not yet
+    /// acknowledged beyond which no bulk DATA is written (PROTOCOL.md §6.1).
+    /// Bytes past the channel cannot be reordered: the fewer there are, the
+    /// less a small frame waits behind another stream's bulk. At least
+    /// [`MIN_INFLIGHT`].
+    pub inflight_limit: usize,
+    /// The capability bits this side sets in its HELLO (PROTOCOL.md §3.1).
+    pub capabilities: u32,
 }
+
+/// The smallest in-flight limit a sender may use (PROTOCOL.md §6.1): four
+/// acknowledgement quanta, so that the peer always has one to send.
+pub const MIN_INFLIGHT: usize = 64 * 1024;
+/// A receiver with CHANNEL_ACK acknowledges at least every this many bytes
+/// of frames (PROTOCOL.md §6.1).
+pub const ACK_QUANTUM: u64 = 16 * 1024;
+/// The reference in-flight limit: see docs/BENCH.md for how it was chosen.
+pub const DEFAULT_INFLIGHT_LIMIT: usize = 192 * 1024;
 
 /// The window a stream may grow to: enough for one stream to use the path,
 /// small enough that a bulk stream does not queue more than about 0.4 ms of
@@ -73,10 +90,11 @@ pub const DEFAULT_FRAME_RATE: u32 = 500_000;
 pub const DEFAULT_OPEN_RATE: u32 = 2_000;
 pub const DEFAULT_VIOLATIONS_PER_10S: u32 = 1_000;
 pub const DEFAULT_SESSIONS_PER_MINUTE: u32 = 6;
-/// 32 MiB a second: a handshake after a restart discards at most a few MB of
-/// stale bytes (the channel's buffers), so it waits at most a fraction of a
-/// second; a peer spraying magics costs the host at most this much CRC work.
-pub const DEFAULT_SCAN_BYTES_PER_SEC: u32 = 32 << 20;
+/// 8 MiB a second, with a burst of as much: a handshake after a restart
+/// discards at most a few MB of stale bytes (the channel's buffers), which
+/// fits in the burst; a peer spraying magics costs the host at most this much
+/// CRC work, about 2% of a core with the table-driven CRC.
+pub const DEFAULT_SCAN_BYTES_PER_SEC: u32 = 8 << 20;
 
 impl Policy {
     /// No limits at all (tests, and peers that are trusted).
@@ -137,6 +155,8 @@ impl Config {
             policy: Policy::default(),
             window_max: DEFAULT_WINDOW_MAX,
             window_pool: DEFAULT_WINDOW_POOL,
+            inflight_limit: DEFAULT_INFLIGHT_LIMIT,
+            capabilities: crate::proto::hello::CAPABILITIES,
         }
     }
 

@@ -20,6 +20,10 @@ pub struct SessionInfo {
     /// Both sides set [`crate::proto::hello::CAP_CLIENT_ADDRESS`]: OPEN
     /// carries the guest client's address.
     pub client_addresses: bool,
+    /// Both sides set [`crate::proto::hello::CAP_CHANNEL_ACK`]: each
+    /// acknowledges what it received, and each keeps what it has in flight
+    /// within its limit.
+    pub channel_acks: bool,
 }
 
 /// Why a session ended. Every stream it carried is gone.

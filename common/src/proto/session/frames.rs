@@ -18,7 +18,7 @@ impl Session {
         };
         e.last_rx = now;
         match frame {
-            Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway { .. } => {
+            Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway { .. } | Frame::Ack { .. } => {
                 self.on_session_frame(frame, now)
             }
             Frame::Open { stream, service } => self.on_open(stream, service, now),
@@ -26,7 +26,7 @@ impl Session {
         }
     }
 
-    /// PING, PONG and GOAWAY (§7, §8.1).
+    /// PING, PONG, GOAWAY (§7, §8.1) and ACK (§6.1).
     fn on_session_frame(&mut self, frame: Frame<'_>, now: Instant) -> Step {
         let State::Established(e) = &mut self.state else {
             unreachable!()
@@ -59,6 +59,23 @@ impl Session {
                     drain,
                     text: text.into(),
                 })
+            }
+            Frame::Ack { received } => {
+                let written = self.tx.frames_written();
+                match &mut e.acks {
+                    Some(a) if received >= a.peer_acked && received <= written => {
+                        a.peer_acked = received;
+                        Step::Continue
+                    }
+                    Some(a) => {
+                        let detail = format!(
+                            "ACK of {received} bytes: {} acknowledged before, {written} sent",
+                            a.peer_acked
+                        );
+                        self.desync(detail, now)
+                    }
+                    None => self.desync("ACK without CHANNEL_ACK".into(), now),
+                }
             }
             _ => unreachable!("not a session frame"),
         }
@@ -230,9 +247,11 @@ impl Session {
                     by_peer: true,
                 })
             }
-            Frame::Open { .. } | Frame::Ping { .. } | Frame::Pong { .. } | Frame::GoAway { .. } => {
-                unreachable!("not a stream frame")
-            }
+            Frame::Open { .. }
+            | Frame::Ping { .. }
+            | Frame::Pong { .. }
+            | Frame::GoAway { .. }
+            | Frame::Ack { .. } => unreachable!("not a stream frame"),
         }
     }
 

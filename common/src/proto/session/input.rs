@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::{
-    push_frame, EndReason, Established, Event, Session, SessionInfo, State, Stats, Step,
+    push_frame, Acks, EndReason, Established, Event, Session, SessionInfo, State, Stats, Step,
     MAX_DISCARD_PER_HANDSHAKE,
 };
 use crate::proto::code::Code;
@@ -163,8 +163,10 @@ impl Session {
             tag: crc32c(&both) as u16,
             peer_identity: peer.text,
             peer_limits: peer.limits,
-            client_addresses: peer.capabilities & hello::CAPABILITIES & hello::CAP_CLIENT_ADDRESS != 0,
+            client_addresses: peer.capabilities & self.cfg.capabilities & hello::CAP_CLIENT_ADDRESS != 0,
+            channel_acks: peer.capabilities & self.cfg.capabilities & hello::CAP_CHANNEL_ACK != 0,
         };
+        self.tx.restart_count();
         self.state = State::Established(Box::new(Established {
             info: info.clone(),
             peer_nonce: peer.nonce,
@@ -177,6 +179,7 @@ impl Session {
             drain_until: None,
             window_pool: u64::from(self.cfg.window_pool),
             over_rate: !self.limits.sessions.take(now),
+            acks: info.channel_acks.then(Acks::default),
         }));
         self.stats.sessions += 1;
         Step::Event(Event::Established(info))
@@ -222,7 +225,14 @@ impl Session {
             Ok(Decoded::Frame(frame, len)) => {
                 self.stats.frames_in += 1;
                 self.limits.frames.take(now);
-                let control = !matches!(frame, Frame::Data { .. });
+                if let State::Established(e) = &mut self.state {
+                    if let Some(a) = &mut e.acks {
+                        a.received += len as u64;
+                    }
+                }
+                // ACKs ask for nothing in return: like DATA, only the frame
+                // rate bounds them.
+                let control = !matches!(frame, Frame::Data { .. } | Frame::Ack { .. });
                 if control && !self.limits.control.take(now) {
                     let rate = self.cfg.policy.control_rate;
                     let detail = format!("more than {rate} control frames per second");

@@ -39,13 +39,14 @@ mod tests;
 pub use config::*;
 pub use event::*;
 
-use super::buf::{RxBuf, TxBuf};
+use super::buf::RxBuf;
 use super::code::Code;
 use super::flow::{RecvWindow, SendCredit};
 use super::frame::{self, Frame, StreamId};
 use super::hello::{self, Hello, Nonce, Role, NO_NONCE};
 use super::rate::Bucket;
 use super::rng::SplitMix64;
+use super::txqueue::{self, TxQueue};
 
 #[derive(Debug)]
 struct Stream {
@@ -98,6 +99,24 @@ struct Established {
     window_pool: u64,
     /// Established beyond the session rate: its end counts as a failure.
     over_rate: bool,
+    /// With CHANNEL_ACK: what each side acknowledged.
+    acks: Option<Acks>,
+}
+
+/// Frame bytes of the session received and acknowledged (PROTOCOL.md §6.1).
+#[derive(Debug, Default)]
+struct Acks {
+    /// What the peer acknowledged of ours.
+    peer_acked: u64,
+    /// Frame bytes of the peer's received so far, and in the last ACK sent.
+    received: u64,
+    sent: u64,
+}
+
+impl Acks {
+    fn due(&self) -> bool {
+        self.received - self.sent >= ACK_QUANTUM
+    }
 }
 
 impl Established {
@@ -157,7 +176,7 @@ pub struct Session {
     rng: SplitMix64,
     state: State,
     rx: RxBuf,
-    tx: TxBuf,
+    tx: TxQueue,
     queued: VecDeque<Event<'static>>,
     /// Sessions or handshakes that failed in a row.
     failures: u32,
@@ -213,7 +232,7 @@ impl Session {
             cfg,
             rng: SplitMix64::new(seed),
             state: State::Down,
-            tx: TxBuf::with_soft_limit(cfg_tx_limit),
+            tx: TxQueue::with_soft_limit(cfg_tx_limit),
             queued: VecDeque::new(),
             failures: 0,
             shutting_down: false,
@@ -412,15 +431,21 @@ impl Session {
 
     // ---- output ----
 
-    /// Bytes to write to the channel.
+    /// Bytes to write to the channel: control frames and small DATA first,
+    /// then bulk DATA as far as the in-flight limit allows (§6.1).
     pub fn poll_transmit(&mut self) -> &[u8] {
         if let State::Established(e) = &mut self.state {
+            let tag = e.info.tag;
             if let Some(opaque) = e.pending_pong.take() {
-                let tag = e.info.tag;
                 push_frame(&mut self.tx, tag, &Frame::Pong { opaque });
             }
+            if let Some(a) = e.acks.as_mut().filter(|a| a.due()) {
+                a.sent = a.received;
+                push_frame(&mut self.tx, tag, &Frame::Ack { received: a.received });
+            }
         }
-        self.tx.pending()
+        let allowed = self.inflight_room();
+        self.tx.poll(allowed)
     }
 
     /// `n` bytes of [`Session::poll_transmit`] were written.
@@ -429,9 +454,54 @@ impl Session {
         self.stats.bytes_out += n as u64;
     }
 
-    /// Whether anything waits to be written.
+    /// Whether anything waits that may be written now (bulk DATA held back
+    /// by the in-flight limit does not count: an ACK will say when).
     pub fn wants_write(&self) -> bool {
-        !self.tx.is_empty() || self.est_ref().is_some_and(|e| e.pending_pong.is_some())
+        self.tx.has_ready(self.inflight_room())
+            || self
+                .est_ref()
+                .is_some_and(|e| e.pending_pong.is_some() || e.acks.as_ref().is_some_and(Acks::due))
+    }
+
+    /// Bulk bytes that may be written before the in-flight limit is reached.
+    /// A single open stream has nobody to wait behind it: it goes at the
+    /// channel's full speed.
+    fn inflight_room(&self) -> usize {
+        let est = self.est_ref();
+        if est.is_none_or(|e| e.streams.len() < 2) {
+            return usize::MAX;
+        }
+        match est.and_then(|e| e.acks.as_ref()) {
+            Some(a) => {
+                let in_flight = self.tx.frames_written() - a.peer_acked;
+                if in_flight == 0 {
+                    // Whatever the frame, it may go (none is larger than the
+                    // limit, but nothing must ever wait on an empty channel).
+                    return usize::MAX;
+                }
+                let limit = self.cfg.inflight_limit.max(MIN_INFLIGHT) as u64;
+                limit.saturating_sub(in_flight) as usize
+            }
+            None => usize::MAX,
+        }
+    }
+
+    /// Bytes queued for the channel, in both lanes.
+    pub fn tx_pending(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Frame bytes of this session written so far (HELLOs not counted): what
+    /// the peer's ACKs count.
+    pub fn frames_sent(&self) -> u64 {
+        self.tx.frames_written()
+    }
+
+    /// Frame bytes written and not yet acknowledged (0 without CHANNEL_ACK).
+    pub fn in_flight(&self) -> u64 {
+        self.est_ref()
+            .and_then(|e| e.acks.as_ref())
+            .map_or(0, |a| self.tx.frames_written() - a.peer_acked)
     }
 
     /// When [`Session::handle_timeout`] must next be called.
@@ -593,12 +663,16 @@ impl Session {
             return None;
         };
         // Frames are sized by this side's own buffers, never by what the
-        // peer declares it could take (up to 16 MiB).
-        let max = e
+        // peer declares it could take (up to 16 MiB); with an in-flight
+        // limit, by a quarter of it, so that frames interleave.
+        let mut max = e
             .info
             .peer_limits
             .max_frame_payload
             .min(self.cfg.limits.max_frame_payload) as usize;
+        if e.acks.is_some() {
+            max = max.min(self.cfg.inflight_limit.max(MIN_INFLIGHT) / 4 - frame::FRAME_OVERHEAD);
+        }
         let s = e.streams.get(&stream)?;
         if s.local_fin || !(s.accepted || guest) || s.send.available() == 0 {
             return None;
@@ -768,14 +842,14 @@ impl Session {
             refuse: refuse.is_some(),
             nonce,
             echo,
-            capabilities: hello::CAPABILITIES,
+            capabilities: self.cfg.capabilities,
             limits: self.cfg.limits,
             code: refuse.map_or(Code::NoError, |r| r.0),
             text: refuse.map_or(self.cfg.identity.as_str(), |r| r.1).into(),
         };
         let mut bytes = Vec::with_capacity(hello.encoded_len());
         hello.encode(&mut bytes);
-        self.tx.append(bytes.len()).copy_from_slice(&bytes);
+        self.tx.append_hello(bytes.len()).copy_from_slice(&bytes);
     }
 
     // ---- internals: ending ----
@@ -811,6 +885,7 @@ impl Session {
             }
             _ => {}
         }
+        self.tx.drop_bulk();
         self.state = State::Down;
         self.retry_handshake(now);
         Event::Ended(reason)
@@ -887,6 +962,6 @@ impl Role {
     }
 }
 
-fn push_frame(tx: &mut TxBuf, tag: u16, frame: &Frame<'_>) {
-    frame.encode(tag, tx.append(frame.encoded_len()));
+fn push_frame(tx: &mut TxQueue, tag: u16, frame: &Frame<'_>) {
+    txqueue::push_frame(tx, tag, frame);
 }

@@ -153,7 +153,7 @@ fn transfer(a: &mut Session, b: &mut Session, chunk: usize, deliver: bool) -> us
         if n == 0 {
             return moved;
         }
-        space[..n].copy_from_slice(&a.tx.pending()[..n]);
+        space[..n].copy_from_slice(&out[..n]);
         b.recv_commit(n);
         a.advance_transmit(n);
         moved += n;
@@ -460,7 +460,7 @@ fn garbage_frame_ends_the_session_and_it_recovers() {
     let mut bad = [0u8; 18];
     write_header(&mut bad, FrameType::Fin, tag, 0, a);
     bad[0] = 0x42;
-    p.g.s.tx.append(18).copy_from_slice(&bad);
+    p.g.s.tx.append_raw(18).copy_from_slice(&bad);
     p.drive();
     let reason = ended(&p.h).expect("host ended the session");
     assert!(
@@ -492,7 +492,7 @@ fn guest_restart_mid_frame_recovers_without_delivering_junk() {
     let id = open_accepted(&mut p);
     // The old guest wrote half of a DATA frame, then died.
     p.g.s.send(id, &pattern(5000, 9));
-    let partial = p.g.s.tx.pending()[..2000].to_vec();
+    let partial = p.g.s.poll_transmit()[..2000].to_vec();
     let space = p.h.s.recv_space();
     space[..partial.len()].copy_from_slice(&partial);
     p.h.s.recv_commit(partial.len());
@@ -670,10 +670,14 @@ fn ping_flood_leaves_one_pong() {
         fed += n;
         p.h.poll(p.now);
     }
-    // One PONG, for the last PING.
+    // One PONG, for the last PING; then one ACK of the whole flood.
     let out = p.h.s.poll_transmit();
-    assert_eq!(out.len(), 26);
+    assert_eq!(out.len(), 26 + 26);
     assert_eq!(&out[HEADER_LEN..HEADER_LEN + 8], &9999u64.to_be_bytes());
+    assert_eq!(
+        &out[26 + HEADER_LEN..26 + HEADER_LEN + 8],
+        &(flood.len() as u64).to_be_bytes()
+    );
 }
 
 #[test]
@@ -730,7 +734,7 @@ fn repeated_failures_back_off() {
         }
         let mut bad = [0u8; 18];
         write_header(&mut bad, FrameType::Fin, tag.wrapping_add(1), 0, StreamId(1));
-        p.g.s.tx.append(18).copy_from_slice(&bad);
+        p.g.s.tx.append_raw(18).copy_from_slice(&bad);
         p.drive();
         fails += 1;
     }
@@ -1228,4 +1232,243 @@ fn open_carries_the_client_address_when_both_sides_can() {
             ..
         }
     )));
+}
+
+// ---- CHANNEL_ACK and the two lanes (§6.1) ----
+
+/// A pair whose host grants 2 MiB of credit per stream at once, so that
+/// only the in-flight limit holds the guest back.
+fn wide_pair() -> Pair {
+    let mut p = Pair::new();
+    p.h.s.cfg.limits.initial_window = 2 << 20;
+    p.up();
+    p
+}
+
+/// Writes everything the guest may write now into a "channel" (a Vec) the
+/// host has not read yet; returns how many bytes.
+fn write_out(s: &mut Session, wire: &mut Vec<u8>) -> usize {
+    let mut n = 0;
+    loop {
+        let out = s.poll_transmit();
+        if out.is_empty() {
+            return n;
+        }
+        wire.extend_from_slice(out);
+        let k = out.len();
+        s.advance_transmit(k);
+        n += k;
+    }
+}
+
+fn feed_side(side: &mut Side, bytes: &[u8], now: Instant) {
+    let mut at = 0;
+    while at < bytes.len() {
+        let space = side.s.recv_space();
+        let n = space.len().min(bytes.len() - at);
+        assert!(n > 0, "receiver stopped reading");
+        space[..n].copy_from_slice(&bytes[at..at + n]);
+        side.s.recv_commit(n);
+        at += n;
+        side.poll(now);
+    }
+}
+
+#[test]
+fn bulk_stops_at_the_in_flight_limit_until_acknowledged() {
+    let mut p = wide_pair();
+    assert!(p.g.s.info().unwrap().channel_acks);
+    let id = open_accepted(&mut p);
+    // A second stream, which could be waiting behind the bulk.
+    let _other = open_accepted(&mut p);
+    let limit = p.g.s.config().inflight_limit as u64;
+    let data = pattern(2_000_000, 3);
+    let mut sent = 0;
+    let mut wire = vec![];
+    // Nothing acknowledged: the guest writes at most the limit, whatever
+    // the stream's credit and the transmit buffer would allow.
+    for _ in 0..10 {
+        sent += p.g.s.send(id, &data[sent..]);
+        write_out(&mut p.g.s, &mut wire);
+    }
+    assert!(
+        sent as u64 > limit,
+        "the buffer holds more than the limit ({sent})"
+    );
+    assert!(wire.len() as u64 <= limit, "{} bytes in flight", wire.len());
+    assert!(
+        wire.len() as u64 >= limit - limit / 4,
+        "{} bytes in flight",
+        wire.len()
+    );
+    // (The OPEN before it is in flight too: less than a quantum, unacknowledged.)
+    let in_flight = p.g.s.in_flight();
+    assert!(
+        in_flight >= wire.len() as u64 && in_flight <= limit,
+        "{in_flight}"
+    );
+    assert!(!p.g.s.wants_write(), "held-back bulk is nothing to write now");
+    // The host reads it all and acknowledges it: the guest may go on.
+    feed_side(&mut p.h, &wire, p.now);
+    let mut back = vec![];
+    write_out(&mut p.h.s, &mut back);
+    feed_side(&mut p.g, &back, p.now);
+    assert_eq!(p.g.s.in_flight(), 0);
+    assert!(p.g.s.wants_write());
+    // And everything arrives, in order, once both sides keep going.
+    while sent < data.len() {
+        sent += p.g.s.send(id, &data[sent..]);
+        p.drive();
+    }
+    p.drive();
+    assert_eq!(p.h.data(id), data);
+}
+
+#[test]
+fn a_lone_stream_is_not_held_to_the_in_flight_limit() {
+    let mut p = wide_pair();
+    let id = open_accepted(&mut p);
+    let limit = p.g.s.config().inflight_limit;
+    let data = pattern(8_000_000, 4);
+    let mut sent = 0;
+    let mut wire = vec![];
+    for _ in 0..10 {
+        sent += p.g.s.send(id, &data[sent..]);
+        write_out(&mut p.g.s, &mut wire);
+    }
+    assert!(
+        wire.len() > 2 * limit,
+        "{} bytes written, limit {limit}",
+        wire.len()
+    );
+    // The host takes it all; a second stream opens: from now on the limit
+    // holds.
+    feed_side(&mut p.h, &wire, p.now);
+    p.drive();
+    let _other = open_accepted(&mut p);
+    let mut more = vec![];
+    for _ in 0..10 {
+        sent += p.g.s.send(id, &data[sent..]);
+        write_out(&mut p.g.s, &mut more);
+    }
+    assert!(sent < data.len(), "all of it was taken");
+    assert!(more.len() <= limit, "{} bytes beyond the limit", more.len());
+}
+
+#[test]
+fn a_small_frame_goes_ahead_of_another_streams_queued_bulk() {
+    let mut p = wide_pair();
+    let bulk = open_accepted(&mut p);
+    let small = open_accepted(&mut p);
+    let mut wire = vec![];
+    let mut sent = 0;
+    let data = pattern(1_000_000, 4);
+    for _ in 0..4 {
+        sent += p.g.s.send(bulk, &data[sent..]);
+    }
+    // The limit's worth of bulk goes out; the rest waits in the guest.
+    write_out(&mut p.g.s, &mut wire);
+    let before = wire.len();
+    assert_eq!(p.g.s.send(small, b"heartbeat"), 9);
+    write_out(&mut p.g.s, &mut wire);
+    // The small frame is written at once, although bulk bytes queued before
+    // it are still waiting for an ACK.
+    assert_eq!(wire.len(), before + 9 + crate::proto::frame::FRAME_OVERHEAD);
+    feed_side(&mut p.h, &wire, p.now);
+    assert_eq!(p.h.data(small), b"heartbeat");
+    assert!(sent > before);
+}
+
+#[test]
+fn acks_beyond_what_was_sent_or_going_back_end_the_session() {
+    for (first, second) in [(u64::MAX, None), (40, Some(20))] {
+        let mut p = Pair::new();
+        p.up();
+        let id = open_accepted(&mut p);
+        p.g.s.send(id, &pattern(100, 1));
+        p.drive();
+        let tag = p.h.s.info().unwrap().tag;
+        let mut bytes = vec![];
+        for received in [Some(first), second].into_iter().flatten() {
+            let f = Frame::Ack { received };
+            let mut b = vec![0; f.encoded_len()];
+            f.encode(tag, &mut b);
+            bytes.extend_from_slice(&b);
+        }
+        feed_side(&mut p.g, &bytes, p.now);
+        let reason = ended(&p.g).expect("the guest ended the session");
+        assert!(
+            matches!(&reason, EndReason::Violation { code: Code::ProtocolError, detail } if detail.contains("ACK of")),
+            "{reason:?}"
+        );
+    }
+}
+
+#[test]
+fn without_channel_ack_on_one_side_nothing_is_held_back() {
+    let mut p = Pair::new();
+    // A host from before CHANNEL_ACK: it never acknowledges.
+    p.h.s.cfg.capabilities = crate::proto::hello::CAP_CLIENT_ADDRESS;
+    p.up();
+    assert!(!p.g.s.info().unwrap().channel_acks);
+    let id = open_accepted(&mut p);
+    let data = pattern(1_000_000, 5);
+    let sent = p.g.s.send(id, &data);
+    let mut wire = vec![];
+    write_out(&mut p.g.s, &mut wire);
+    assert!(
+        wire.len() >= sent,
+        "all {sent} bytes written at once ({})",
+        wire.len()
+    );
+    assert_eq!(p.g.s.in_flight(), 0);
+}
+
+#[test]
+fn a_new_session_never_sees_the_old_ones_bulk() {
+    let mut p = wide_pair();
+    let id = open_accepted(&mut p);
+    let _other = open_accepted(&mut p);
+    let data = pattern(1_000_000, 6);
+    let mut sent = 0;
+    for _ in 0..4 {
+        sent += p.g.s.send(id, &data[sent..]);
+    }
+    let mut wire = vec![];
+    write_out(&mut p.g.s, &mut wire);
+    assert!(!p.g.s.tx.is_empty(), "bulk waits for an ACK");
+    // The guest breaks the session (its peer sends garbage): the queued
+    // bulk of the old session is dropped, the new HELLO goes out alone.
+    let tag = p.g.s.info().unwrap().tag;
+    let mut bad = [0u8; 18];
+    write_header(&mut bad, FrameType::Fin, tag, 0, id);
+    bad[0] = 0x42;
+    feed_side(&mut p.g, &bad, p.now);
+    assert!(ended(&p.g).is_some());
+    let mut after = vec![];
+    write_out(&mut p.g.s, &mut after);
+    // GOAWAY, then the HELLO, and nothing of the old stream.
+    let hello_at = after
+        .windows(8)
+        .position(|w| w == crate::proto::hello::MAGIC)
+        .expect("a HELLO");
+    let (_, len) = match crate::proto::hello::Hello::parse(&after[hello_at..]) {
+        HelloParse::Valid(h, len) => (h, len),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(hello_at + len, after.len(), "bytes after the HELLO");
+    // The pair recovers and the count starts again.
+    feed_side(&mut p.h, &wire, p.now);
+    feed_side(&mut p.h, &after, p.now);
+    p.drive();
+    assert!(p.g.s.is_established() && p.h.s.is_established());
+    assert_eq!(p.g.s.in_flight(), 0);
+    let id = open_accepted(&mut p);
+    let again = pattern(300_000, 7);
+    let mut s2 = 0;
+    while s2 < again.len() {
+        s2 += p.g.s.send(id, &again[s2..]);
+        p.drive();
+    }
+    assert_eq!(p.h.data(id), again);
 }
