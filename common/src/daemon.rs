@@ -23,8 +23,17 @@ pub fn main<C>(
     validate: impl FnOnce(&C) -> Result<(), String>,
     run: impl FnOnce(C) -> io::Result<()>,
 ) -> ! {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    init_logging();
     let cli = parse();
+    if crate::sys::effective_uid() == 0 {
+        // A choice (docs/OPERATIONS.md): the daemon never changes user
+        // itself; the packaged units start it as the unprivileged
+        // vios-bridge user, which needs nothing root has.
+        log::warn!(
+            "running as root: nothing here needs it; the packaged unit runs the bridge as the \
+             unprivileged user vios-bridge (see docs/OPERATIONS.md)"
+        );
+    }
     if let Err(e) = validate(&cli) {
         eprintln!("error: {e}\n\nFor more information, try '--help'.");
         std::process::exit(EXIT_CONFIG);
@@ -36,6 +45,22 @@ pub fn main<C>(
             std::process::exit(EXIT_FAILED);
         }
     }
+}
+
+/// `RUST_LOG` (`info` by default) to standard error. When that is the
+/// journal, each line starts with its syslog priority (so `journalctl -p
+/// warning` shows warnings and errors only) and carries no timestamp of its
+/// own (the journal has one).
+fn init_logging() {
+    use std::io::Write;
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if crate::systemd::stderr_is_journal() {
+        b.format(|buf, r| {
+            let prefix = crate::systemd::priority_prefix(r.level());
+            writeln!(buf, "{prefix}{}: {}", r.target(), r.args())
+        });
+    }
+    b.init();
 }
 
 /// `vios-*-bridge status`: asks a running daemon through its control socket.

@@ -13,6 +13,8 @@
 //!   the channel (unix socket or virtio-serial device), and the multiplexer
 //!   that joins them to a session.
 //! - [`sys`]: the few system calls std does not wrap (the only `unsafe`).
+//! - [`systemd`]: readiness, watchdog and status notifications, and log
+//!   priorities for the journal.
 #![deny(unsafe_code)]
 
 pub mod cli;
@@ -22,3 +24,4 @@ pub mod json;
 pub mod proto;
 pub mod status;
 pub mod sys;
+pub mod systemd;

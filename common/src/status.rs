@@ -102,6 +102,22 @@ impl Status {
             .all(|c| c.session == "established")
     }
 
+    /// One line for systemd's `STATUS=`: guests, sessions, streams.
+    pub fn summary(&self) -> String {
+        let channels = self.guests.iter().flat_map(|g| &g.channels);
+        let (up, all) = channels.fold((0, 0), |(up, all), c| {
+            (up + usize::from(c.session == "established"), all + 1)
+        });
+        let streams: usize = self.guests.iter().map(|g| g.streams).sum();
+        // The guest bridge (which reports clients waiting) is its own guest.
+        let guests = match (self.waiting, self.guests.len()) {
+            (Some(_), _) => String::new(),
+            (None, 1) => "1 guest, ".to_owned(),
+            (None, n) => format!("{n} guests, "),
+        };
+        format!("{guests}{up} of {all} sessions established, {streams} streams open")
+    }
+
     pub fn to_json(&self) -> String {
         let mut j = Json::new();
         j.u64("version", STATUS_VERSION)

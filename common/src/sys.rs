@@ -224,6 +224,38 @@ pub fn release_free_memory() {
     }
 }
 
+/// A new inotify instance, non-blocking and close-on-exec; read it as a
+/// file (each event is an `inotify_event` and its name).
+pub fn inotify_init() -> io::Result<std::fs::File> {
+    // SAFETY: no pointers; the result is checked.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned to us and is owned by nobody else.
+    Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Watches `path` for `mask` (libc's `IN_*` bits); the same path again
+/// returns the same watch.
+pub fn inotify_add_watch(inotify: &std::fs::File, path: &std::path::Path, mask: u32) -> io::Result<i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    let wd = unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), c.as_ptr(), mask) };
+    if wd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(wd)
+}
+
+/// The effective user id.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// A user's id from its name (`/etc/passwd`) or a number.
 pub fn user_id(name: &str) -> io::Result<u32> {
     id_from_db(name, "/etc/passwd", "user")

@@ -22,6 +22,7 @@ use vios_common::io::event_loop::{Handler, Turn};
 use vios_common::io::share::FairShare;
 use vios_common::io::sock::{would_block, Sock};
 use vios_common::status::{GuestStatus, Status};
+use vios_common::systemd::{Heartbeat, Notifier};
 
 use crate::config::Cli;
 use crate::listener::{Accepted, Listener};
@@ -63,6 +64,8 @@ pub struct Bridge {
     more: bool,
     /// Taken out while it asks `self` for the status.
     pub control: Option<ControlServer>,
+    /// Readiness, watchdog and status for systemd.
+    heartbeat: Heartbeat,
     started: Instant,
 }
 
@@ -83,6 +86,7 @@ impl Bridge {
             stopping: None,
             more: false,
             control: None,
+            heartbeat: Heartbeat::new(Notifier::from_env(), Instant::now()),
             started: Instant::now(),
         }
     }
@@ -297,6 +301,7 @@ impl Handler for Bridge {
         } else if (sig == SIGTERM || sig == SIGINT) && self.stopping.is_none() {
             let grace = self.cli.shutdown_grace;
             info!("signal {sig}: stopping (grace {} ms)", grace.as_millis());
+            self.heartbeat.stopping("stopping");
             self.stopping = Some(now + grace);
             self.stop_accepting(registry);
             self.channel.shutdown(grace, now);
@@ -334,6 +339,11 @@ impl Handler for Bridge {
                 return Turn::Done;
             }
         }
+        if self.heartbeat.due(now) {
+            // One thread: that this runs shows the loop is alive.
+            let summary = self.status(now, false, None).summary();
+            self.heartbeat.beat(now, true, &summary);
+        }
         if self.more {
             Turn::Busy
         } else {
@@ -348,6 +358,7 @@ impl Handler for Bridge {
             self.accept_paused,
             self.stopping,
             self.control.as_ref().and_then(ControlServer::next_deadline),
+            self.heartbeat.next_deadline(),
         ]
         .into_iter()
         .flatten()

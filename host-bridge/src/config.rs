@@ -113,9 +113,18 @@ pub struct Cli {
     #[arg(long, value_name = "N", env = "VIOS_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: Option<u16>,
 
-    /// How often guest directories are rescanned.
+    /// How often guest directories are rescanned. With --watch a change is
+    /// seen at once; the rescan finds what inotify cannot say (a directory
+    /// created later, a lost event, a filesystem without inotify).
     #[arg(long, value_name = "DURATION", env = "VIOS_RESCAN", default_value = "5s", value_parser = parse_duration)]
     pub rescan: Duration,
+
+    /// Watch guest directories with inotify, so that a guest whose channel
+    /// socket appears is served, and one whose directory is removed is let
+    /// go, within milliseconds. false: rescans only.
+    #[arg(long, value_name = "BOOL", env = "VIOS_WATCH", default_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub watch: bool,
 
     /// A service guests may open, and the address(es) it maps to:
     /// NAME=HOST:PORT[|HOST:PORT...][,proxy=v2][,pick=order|round-robin][,loopback=ok].

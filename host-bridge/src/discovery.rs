@@ -55,6 +55,8 @@ pub struct Scan {
     pub complete: BTreeSet<PathBuf>,
     /// Directories that could not be read, and why.
     pub failed: Vec<(PathBuf, io::Error)>,
+    /// Every guest directory listed, with channel sockets or not yet.
+    pub guest_dirs: Vec<PathBuf>,
 }
 
 impl Scan {
@@ -101,6 +103,7 @@ fn scan_with(dirs: &[PathBuf], pattern: &str, list: &Lister) -> Scan {
                 continue;
             }
             let guest_dir = dir.join(&name);
+            scan.guest_dirs.push(guest_dir.clone());
             let sockets = match channel_sockets(&guest_dir, pattern, list) {
                 Ok(s) => s,
                 // Removed between the two listings: gone like any other.

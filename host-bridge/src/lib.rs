@@ -28,6 +28,7 @@ pub mod services;
 pub mod settings;
 pub mod shard;
 pub mod supervisor;
+pub mod watch;
 
 use std::io;
 use std::sync::Arc;
@@ -96,6 +97,7 @@ pub fn run(cli: Cli) -> io::Result<()> {
     );
     let mut sup = Supervisor::start(cli, settings, threads)?;
     sup.start_control(el.registry())?;
+    sup.start_watch(el.registry());
     el.run(&mut sup)?;
     match sup.failure.take() {
         Some(e) => Err(e),

@@ -17,11 +17,13 @@ use vios_common::io::control::{ControlServer, StatusSource};
 use vios_common::io::event_loop::{Handler, Turn};
 use vios_common::io::link::REPORT_AGAIN;
 use vios_common::status::{GuestStatus, Status};
+use vios_common::systemd::{Heartbeat, Notifier};
 
 use crate::config::Cli;
 use crate::discovery::{self, ChannelAt};
 use crate::settings::Settings;
 use crate::shard::{self, Command, ShardHandle};
+use crate::watch::DirWatch;
 
 /// How often the loop threads' health is looked at.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
@@ -29,6 +31,13 @@ const HEALTH_EVERY: Duration = Duration::from_secs(1);
 pub const CONTROL_TOKENS: usize = 1 << 16;
 /// How long a loop thread may take to report its guests.
 const STATUS_WAIT: Duration = Duration::from_secs(1);
+/// Token of the guest directories' inotify watch.
+const WATCH: mio::Token = mio::Token(1);
+/// After a directory changed: the rescan waits this long for the rest of
+/// the change (QEMU creates a directory, then its sockets) ...
+const WATCH_SETTLE: Duration = Duration::from_millis(10);
+/// ... and comes at most this often, whatever the rate of changes.
+const WATCH_MIN_GAP: Duration = Duration::from_millis(20);
 
 /// Where a guest comes from: the command line, or a directory on disk.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -62,6 +71,13 @@ pub struct Supervisor {
     /// The control socket and metrics listener (taken out while it asks
     /// `self` for the status).
     control: Option<ControlServer>,
+    /// inotify on the guest directories (None: rescans only).
+    watch: Option<DirWatch>,
+    last_scan: Option<Instant>,
+    /// Readiness, watchdog and status for systemd.
+    heartbeat: Heartbeat,
+    /// Whether every loop thread answered the last status request.
+    all_answered: bool,
     started: Instant,
 }
 
@@ -87,6 +103,10 @@ impl Supervisor {
             failure: None,
             done: false,
             control: None,
+            watch: None,
+            last_scan: None,
+            heartbeat: Heartbeat::new(Notifier::from_env(), now),
+            all_answered: true,
             started: now,
         };
         for g in sup.cli.guests.clone() {
@@ -116,6 +136,22 @@ impl Supervisor {
         vios_common::daemon::start_control(&mut c, registry, path, explicit, self.cli.metrics)?;
         self.control = Some(c);
         Ok(())
+    }
+
+    /// Watches the guest directories, so that a guest is served (or let go)
+    /// as soon as its directory changes, not at the next rescan.
+    pub fn start_watch(&mut self, registry: &Registry) {
+        if self.cli.scan_dirs().is_empty() || !self.cli.watch {
+            return;
+        }
+        match DirWatch::new(registry, WATCH) {
+            Ok(w) => self.watch = Some(w),
+            Err(e) => warn!(
+                "cannot watch guest directories (inotify: {e}); guests are found by the rescan \
+                 every {} ms only",
+                self.cli.rescan.as_millis()
+            ),
+        }
     }
 
     /// The loop thread with the fewest guests.
@@ -168,8 +204,14 @@ impl Supervisor {
             return;
         }
         self.next_scan = Some(now + self.cli.rescan);
+        self.last_scan = Some(now);
         let scan = discovery::scan(&dirs, &self.cli.channel_pattern);
         self.log_scan_failures(&scan, now);
+        if let Some(w) = &mut self.watch {
+            let mut watch: Vec<PathBuf> = dirs.clone();
+            watch.extend(scan.guest_dirs.iter().cloned());
+            w.set(&watch);
+        }
         for (dir, f) in &scan.found {
             let origin = Origin::Dir(dir.clone());
             match self.guests.get_mut(&origin) {
@@ -416,11 +458,13 @@ impl StatusSource for Supervisor {
         drop(tx);
         let mut guests = Vec::new();
         let end = Instant::now() + STATUS_WAIT;
+        self.all_answered = asked == self.shards.len();
         for _ in 0..asked {
             let wait = end.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
                 Ok(g) => guests.extend(g),
                 Err(_) => {
+                    self.all_answered = false;
                     warn!(
                         "status: a loop thread did not answer within {} ms",
                         STATUS_WAIT.as_millis()
@@ -446,6 +490,13 @@ impl StatusSource for Supervisor {
 
 impl Handler for Supervisor {
     fn ready(&mut self, ev: &Event, registry: &Registry, now: Instant) {
+        if ev.token() == WATCH {
+            if self.watch.as_mut().is_some_and(DirWatch::drain) {
+                let soon = (now + WATCH_SETTLE).max(self.last_scan.map_or(now, |t| t + WATCH_MIN_GAP));
+                self.next_scan = Some(self.next_scan.map_or(soon, |t| t.min(soon)));
+            }
+            return;
+        }
         if let Some(c) = &mut self.control {
             if c.owns(ev.token()) {
                 c.ready(ev, registry, now);
@@ -465,6 +516,7 @@ impl Handler for Supervisor {
             info!("status (SIGUSR1):\n{table}");
         } else if signal == SIGTERM || signal == SIGINT {
             info!("signal {signal}: stopping");
+            self.heartbeat.stopping("stopping");
             self.stop_all();
         }
     }
@@ -487,6 +539,13 @@ impl Handler for Supervisor {
             self.next_health = now + HEALTH_EVERY;
             self.check_shards();
         }
+        if self.heartbeat.due(now) {
+            // WATCHDOG=1 only if every loop thread answered: a stuck one
+            // gets the daemon restarted.
+            let summary = self.status(now, false, None).summary();
+            let whole = self.all_answered && self.failure.is_none();
+            self.heartbeat.beat(now, whole, &summary);
+        }
         if self.failure.is_some() {
             self.stop_all();
             if let Some(c) = &self.control {
@@ -498,9 +557,10 @@ impl Handler for Supervisor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        Some(
-            self.next_scan
-                .map_or(self.next_health, |t| t.min(self.next_health)),
-        )
+        [self.next_scan, self.heartbeat.next_deadline()]
+            .into_iter()
+            .flatten()
+            .fold(self.next_health, Instant::min)
+            .into()
     }
 }

@@ -487,6 +487,78 @@ fn guests_found_in_a_guest_dir_come_and_go() {
     assert!(matches!(end, End::Reset(_)), "held client saw {end:?}");
 }
 
+/// Accepts the host bridge's connection on `l` (standing for QEMU's
+/// chardev socket) within `within`.
+fn accept_within(l: &std::os::unix::net::UnixListener, within: Duration) -> Option<std::os::unix::net::UnixStream> {
+    l.set_nonblocking(true).unwrap();
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if let Ok((s, _)) = l.accept() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+#[test]
+fn a_guest_is_served_within_100_ms_of_its_socket_appearing_and_let_go_as_fast() {
+    use std::os::unix::net::UnixListener;
+    use std::process::Command;
+    use vios_tests::{bin, Proc, TempDir};
+    let dir = TempDir::new("watch");
+    let guests = dir.join("channels");
+    std::fs::create_dir_all(&guests).unwrap();
+    // A rescan an hour apart: only the watch can find the guests in time.
+    let host = Proc::spawn(
+        "host-bridge",
+        Command::new(bin("vios-host-bridge"))
+            .arg("--guest-dir")
+            .arg(&guests)
+            .args(["--rescan", "1h", "--service", "echo=127.0.0.1:9"]),
+        dir.join("host.log"),
+    );
+    host.wait_log("watching", 1, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut found = vec![];
+    let mut gone = vec![];
+    for i in 0..5 {
+        // As libvirt does it: the domain's directory, then QEMU's socket.
+        let vm_dir = guests.join(format!("domain-{i}-vm{i}"));
+        std::fs::create_dir(&vm_dir).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let l = UnixListener::bind(vm_dir.join("org.qpid.vios.0")).unwrap();
+        let t = Instant::now();
+        let mut s = accept_within(&l, Duration::from_secs(3)).unwrap_or_else(|| {
+            panic!("the host did not connect within 3 s; log:\n{}", host.log_text())
+        });
+        found.push(t.elapsed());
+        // The domain ends: libvirt removes the directory; the host lets go
+        // of the channel (its connection ends).
+        std::fs::remove_dir_all(&vm_dir).unwrap();
+        let t = Instant::now();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut s, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {} // the host's HELLO
+            }
+        }
+        gone.push(t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(3), "the host kept the channel");
+    }
+    host.wait_log("is gone", 5, Duration::from_secs(1));
+    let ms = |v: &[Duration]| v.iter().map(|d| d.as_millis()).collect::<Vec<_>>();
+    vios_tests::record_figure(&format!(
+        "inotify: socket appears -> host connects {:?} ms; directory removed -> channel closed {:?} ms",
+        ms(&found),
+        ms(&gone)
+    ));
+    assert!(found.iter().all(|d| *d < Duration::from_millis(100)), "{:?}", ms(&found));
+    assert!(gone.iter().all(|d| *d < Duration::from_millis(100)), "{:?}", ms(&gone));
+}
+
 #[test]
 fn sighup_rescans_at_once() {
     use std::process::Command;
@@ -499,7 +571,7 @@ fn sighup_rescans_at_once() {
         Command::new(bin("vios-host-bridge"))
             .arg("--guest-dir")
             .arg(&guests)
-            .args(["--rescan", "1h", "--service", "echo=127.0.0.1:9"]),
+            .args(["--rescan", "1h", "--watch", "false", "--service", "echo=127.0.0.1:9"]),
         dir.join("host.log"),
     );
     host.wait_log("watching", 1, Duration::from_secs(5));

@@ -572,11 +572,13 @@ impl Channel {
     }
 
     /// Ends the session if the peer has read nothing for the write-stall
-    /// timeout while bytes wait for it.
+    /// timeout while bytes wait for it: the channel did not take them, or
+    /// (with CHANNEL_ACK) the peer acknowledged nothing, so bulk stays held
+    /// back though the channel would take more.
     fn check_stall(&mut self, now: Instant) {
         let Some(limit) = self.cfg.write_stall else { return };
-        let out = self.session.stats().bytes_out;
-        if !self.session.is_established() || !self.session.wants_write() {
+        let out = self.session.peer_progress();
+        if !self.session.is_established() || self.session.tx_pending() == 0 {
             self.stalled = None;
             return;
         }

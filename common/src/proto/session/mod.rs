@@ -504,6 +504,18 @@ impl Session {
             .map_or(0, |a| self.tx.frames_written() - a.peer_acked)
     }
 
+    /// How far the peer has taken what this side sent: with CHANNEL_ACK the
+    /// frame bytes it acknowledged, without it the bytes written to the
+    /// channel. A peer that reads nothing stops this count, even while this
+    /// side still writes small frames (with CHANNEL_ACK they go ahead of the
+    /// held-back bulk).
+    pub fn peer_progress(&self) -> u64 {
+        match self.est_ref().and_then(|e| e.acks.as_ref()) {
+            Some(a) => a.peer_acked,
+            None => self.stats.bytes_out,
+        }
+    }
+
     /// When [`Session::handle_timeout`] must next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let state = self.state_timeout();
