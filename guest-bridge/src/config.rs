@@ -40,6 +40,11 @@ running bridge through its control socket.
 Logging: RUST_LOG=info (default), debug or warn. SIGUSR1 writes the status to the log.
 Signals: SIGTERM or SIGINT sends GOAWAY, waits --shutdown-grace, resets the rest, exits 0.";
 
+/// The port the default listener belongs to.
+pub const FIRST_PORT: &str = "org.qpid.vios.0";
+/// The first port's listener when none is given.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5672=amqp";
+
 #[derive(Parser, Debug)]
 #[command(name = "vios-guest-bridge", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
 pub struct Cli {
@@ -50,8 +55,11 @@ pub struct Cli {
 
     /// A local listener and the service its clients reach: HOST:PORT=SERVICE or
     /// unix:PATH=SERVICE. Repeatable; in the environment separate with ';'.
+    /// [default: 127.0.0.1:5672=amqp, on the first port (org.qpid.vios.0, a
+    /// device path or unix:PATH) only; any other port needs listeners of its
+    /// own, and without them the bridge says so and exits 0]
     #[arg(short, long = "listen", value_name = "ADDR=SERVICE", env = "VIOS_LISTEN",
-          value_delimiter = ';', default_value = "127.0.0.1:5672=amqp", value_parser = parse_listen)]
+          value_delimiter = ';', value_parser = parse_listen)]
     pub listen: Vec<ListenSpec>,
 
     /// Permissions of unix-socket listeners (octal). Connecting needs write
@@ -222,6 +230,20 @@ impl Cli {
 
     /// Checks what clap cannot: loopback-only TCP unless allowed, no
     /// duplicates, socket owner and group that exist.
+    /// The listeners to open: those given, or the default on the first
+    /// port. None for another port without listeners of its own: the
+    /// default address belongs to the first port, and a second bridge on it
+    /// would only fail with "address in use".
+    pub fn listeners(&self) -> Option<Vec<ListenSpec>> {
+        if !self.listen.is_empty() {
+            return Some(self.listen.clone());
+        }
+        match &self.channel {
+            ChannelSpec::Named(n) if n != FIRST_PORT => None,
+            _ => Some(vec![parse_listen(DEFAULT_LISTEN).expect("a valid default")]),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if let Some(m) = self.metrics {
             if !m.ip().is_loopback() && !self.metrics_allow_remote {
@@ -267,13 +289,19 @@ mod tests {
     fn defaults() {
         let cli = parse(&[]).unwrap();
         assert_eq!(cli.channel, ChannelSpec::Named("org.qpid.vios.0".into()));
-        assert_eq!(
-            cli.listen,
-            vec![ListenSpec {
-                addr: ListenAddr::Tcp("127.0.0.1:5672".parse().unwrap()),
-                service: "amqp".into()
-            }]
-        );
+        let default = vec![ListenSpec {
+            addr: ListenAddr::Tcp("127.0.0.1:5672".parse().unwrap()),
+            service: "amqp".into(),
+        }];
+        assert_eq!(cli.listeners(), Some(default.clone()));
+        // The default listener is the first port's: a second port without
+        // listeners of its own has none (and would only collide).
+        let second = parse(&["--channel", "org.qpid.vios.1"]).unwrap();
+        assert_eq!(second.listeners(), None);
+        let own = parse(&["-c", "org.qpid.vios.1", "-l", "127.0.0.1:5673=amqp"]).unwrap();
+        assert_eq!(own.listeners().unwrap().len(), 1);
+        let dev = parse(&["--channel", "/dev/vport0p2"]).unwrap();
+        assert_eq!(dev.listeners(), Some(default));
     }
 
     #[test]

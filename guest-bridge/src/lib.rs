@@ -23,7 +23,7 @@ pub mod listener;
 use std::io;
 use std::time::Instant;
 
-use log::info;
+use log::{info, warn};
 use mio::Token;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use vios_common::io::channel::{Channel, ChannelConfig};
@@ -50,8 +50,19 @@ pub fn run(cli: Cli) -> io::Result<()> {
         owner: cli.socket_owner.as_deref().map(sys::user_id).transpose()?,
         group: cli.socket_group.as_deref().map(sys::group_id).transpose()?,
     };
+    let Some(specs) = cli.listeners() else {
+        warn!(
+            "port {} has no listeners: the default {} belongs to {}; give this port its own \
+             (--listen, or VIOS_LISTEN in /etc/default/vios-guest-bridge.{}). Nothing to do: exiting",
+            cli.channel.name(),
+            config::DEFAULT_LISTEN,
+            config::FIRST_PORT,
+            cli.channel.name()
+        );
+        return Ok(());
+    };
     let mut listeners = Vec::new();
-    for (i, spec) in cli.listen.iter().enumerate() {
+    for (i, spec) in specs.iter().enumerate() {
         let mut l = Listener::bind(spec, &access)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", spec.addr)))?;
         l.register(el.registry(), Token(LISTENERS + i))?;
