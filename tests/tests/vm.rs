@@ -461,6 +461,35 @@ fn figures_raw_port_and_through_the_bridge() {
         100.0 * up / raw_up,
         100.0 * down / raw_down
     ));
+    // A round trip from inside the guest, alone and beside a bulk stream
+    // on the same channel (the head-of-line case of issue 11).
+    let rtt = |vm: &mut Vm| {
+        let out = vm.ok(
+            "vios-load rtt --connect 127.0.0.1:7000 --count 2000 --warmup 200 --size 64",
+            Duration::from_secs(120),
+        );
+        let us = json_line(&out, "\"us\"");
+        let us = us.split("\"us\":").nth(1).unwrap_or_default().to_owned();
+        (json_num(&us, "p50"), json_num(&us, "p99"))
+    };
+    let (idle50, idle99) = rtt(&mut vm);
+    vm.ok(
+        "(vios-load bulk --connect 127.0.0.1:7001 --streams 1 --bytes 64G --direction up --no-verify \
+         --timeout 60s >/tmp/bg.json 2>/tmp/bg.log </dev/null & echo $! >/tmp/bg.pid)",
+        Duration::from_secs(10),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (busy50, busy99) = rtt(&mut vm);
+    let bg = vm.ok(
+        "kill -INT $(cat /tmp/bg.pid); sleep 1; cat /tmp/bg.json",
+        Duration::from_secs(20),
+    );
+    let bg_mb = json_num(&json_line(&bg, "mb_per_s"), "mb_per_s");
+    assert!(bg_mb > 0.0, "the bulk stream did not run beside the round trips: {bg}");
+    vios_tests::record_figure(&format!(
+        "VM (TCG) round trip from the guest through both bridges: p50 {idle50:.0} us, p99 {idle99:.0} us alone; \
+         p50 {busy50:.0} us, p99 {busy99:.0} us beside a bulk stream (which moved {bg_mb:.0} MB/s meanwhile)"
+    ));
     if let Some(json) = amqp_in_guest(&mut vm, 8, 10_000, 1024) {
         let rate = json_num(&json, "msgs_per_sec");
         let mb = json_num(&json, "mb_per_sec");
