@@ -233,7 +233,7 @@ impl Arena {
             "--streams",
             "4",
             "--bytes",
-            "64M",
+            "32M",
             "--direction",
             "both",
         ]);
