@@ -144,13 +144,20 @@ impl Supervisor {
         if self.cli.scan_dirs().is_empty() || !self.cli.watch {
             return;
         }
+        if !self.settings.fds.take_infra(1) {
+            warn!("no descriptor left for an inotify watch; guests are found by the rescan only");
+            return;
+        }
         match DirWatch::new(registry, WATCH) {
             Ok(w) => self.watch = Some(w),
-            Err(e) => warn!(
-                "cannot watch guest directories (inotify: {e}); guests are found by the rescan \
-                 every {} ms only",
-                self.cli.rescan.as_millis()
-            ),
+            Err(e) => {
+                self.settings.fds.release_infra(1);
+                warn!(
+                    "cannot watch guest directories (inotify: {e}); guests are found by the \
+                     rescan every {} ms only",
+                    self.cli.rescan.as_millis()
+                );
+            }
         }
     }
 
