@@ -132,7 +132,8 @@ pub struct Cli {
     /// answers (in order, or round-robin), failed ones are skipped for a
     /// while. proxy=v2 sends a PROXY protocol v2 header with the guest's
     /// identity address before any guest byte. loopback=ok says a loopback
-    /// address is intended (see "Trust" below). Repeatable; in the
+    /// address is intended: a broker that trusts local connections would
+    /// trust every guest (docs/OPERATIONS.md, "What the broker sees"). Repeatable; in the
     /// environment, separate services with ';'.
     #[arg(short, long = "service", value_name = "NAME=ADDR[,OPTION...]", env = "VIOS_SERVICES",
           value_delimiter = ';', value_parser = crate::services::parse_service, required = true)]

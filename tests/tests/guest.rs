@@ -176,6 +176,62 @@ fn a_second_user_is_served_while_another_holds_its_share() {
 }
 
 #[test]
+fn closed_streams_give_their_users_part_back() {
+    // The host allows 10 streams; 100 connections one after the other must
+    // all be served (a stream that closes gives its place back, with or
+    // without fair shares between users).
+    for shares in ["true", "false"] {
+        let dir = TempDir::new("reuse");
+        let server = Server::start(Mode::Echo);
+        let hsock = dir.join("host.sock");
+        let gsock = dir.join("guest.sock");
+        let _standin = standin_at(&hsock, &gsock, dir.join("standin.log"));
+        let _host = Proc::spawn(
+            "host-bridge",
+            Command::new(bin("vios-host-bridge"))
+                .arg("--guest")
+                .arg(format!("vm={}", hsock.display()))
+                .args([
+                    "--service",
+                    &format!("echo={}", server.addr),
+                    "--max-streams",
+                    "10",
+                ])
+                // (100 opens in well under a second: beyond the default rate.)
+                .args(["--open-rate", "0"]),
+            dir.join("host.log"),
+        );
+        let port = free_port();
+        let guest = Proc::spawn(
+            "guest-bridge",
+            Command::new(bin("vios-guest-bridge"))
+                .arg("--channel")
+                .arg(format!("unix:{}", gsock.display()))
+                .args(["--listen", &format!("127.0.0.1:{port}=echo")])
+                .args(["--session-wait", "2s", "--user-shares", shares]),
+            dir.join("guest.log"),
+        );
+        guest.wait_log("session established", 1, Duration::from_secs(15));
+        for i in 0..100 {
+            let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c.write_all(b"ping").unwrap();
+            let mut b = [0u8; 4];
+            assert!(
+                c.read_exact(&mut b).is_ok() && &b == b"ping",
+                "connection {i} (user shares {shares}) was not served; guest log:\n{}",
+                guest.log_text()
+            );
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+        }
+        // Every stream is closed and accounted for.
+        guest.wait_log("closed: finished", 100, Duration::from_secs(5));
+    }
+}
+
+#[test]
 fn unix_listeners_have_the_configured_mode_and_group() {
     let dir = TempDir::new("unixperm");
     let server = Server::start(Mode::Echo);

@@ -323,7 +323,13 @@ fn answer_control(input: &[u8], now: Instant, src: &mut dyn StatusSource) -> Vec
             } else {
                 s.to_table(q.streams)
             };
-            let est = if s.all_established() { "yes" } else { "no" };
+            // Asked about a guest it does not serve: not established.
+            let unknown = q.guest.is_some() && s.guests.is_empty();
+            let est = if s.all_established() && !unknown {
+                "yes"
+            } else {
+                "no"
+            };
             format!("vios-status 1 established={est}\n{body}").into_bytes()
         }
         Err(e) => format!("vios-status 1 error={e}\n").into_bytes(),

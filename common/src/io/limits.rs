@@ -18,10 +18,11 @@ use super::share::{FairShare, ShareRefusal};
 /// channel, or the next scan, needs: at the limit streams are refused with
 /// `RESOURCE_LIMIT`, nothing else fails.
 ///
-/// Stream descriptors are shared fairly between guests ([`FairShare`]): each
-/// of `G` guests, and a guest yet to come, is guaranteed `room / (G + 1)` of
-/// them. A guest may use more while others do not need theirs, but never
-/// what others are still owed.
+/// Stream descriptors are shared fairly between guests ([`FairShare`]): a
+/// part is kept for a guest yet to come (an eighth of the room, or an equal
+/// part if that is less) and each of the `G` guests present is guaranteed an
+/// equal part of the rest. A guest may use more while others do not need
+/// theirs, but never what others are still owed.
 #[derive(Debug)]
 pub struct Descriptors {
     limit: usize,

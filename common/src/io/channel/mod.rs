@@ -387,8 +387,11 @@ impl Channel {
                 return Err((OpenStreamError::Session(e), sock));
             }
         };
-        let conn =
+        let mut conn =
             Conn::new(stream, service, peer, sock, Phase::Open, now).expect("abort_on_close succeeded above");
+        // Reported by take_closed when the stream ends, so that its user's
+        // part of the streams is given back.
+        conn.owner = Some(owner);
         let line = format!(
             "stream {stream} ({}) opened for client {}",
             conn.service, conn.peer
