@@ -489,7 +489,10 @@ fn guests_found_in_a_guest_dir_come_and_go() {
 
 /// Accepts the host bridge's connection on `l` (standing for QEMU's
 /// chardev socket) within `within`.
-fn accept_within(l: &std::os::unix::net::UnixListener, within: Duration) -> Option<std::os::unix::net::UnixStream> {
+fn accept_within(
+    l: &std::os::unix::net::UnixListener,
+    within: Duration,
+) -> Option<std::os::unix::net::UnixStream> {
     l.set_nonblocking(true).unwrap();
     let end = Instant::now() + within;
     while Instant::now() < end {
@@ -529,9 +532,8 @@ fn a_guest_is_served_within_100_ms_of_its_socket_appearing_and_let_go_as_fast() 
         std::thread::sleep(Duration::from_millis(20));
         let l = UnixListener::bind(vm_dir.join("org.qpid.vios.0")).unwrap();
         let t = Instant::now();
-        let mut s = accept_within(&l, Duration::from_secs(3)).unwrap_or_else(|| {
-            panic!("the host did not connect within 3 s; log:\n{}", host.log_text())
-        });
+        let mut s = accept_within(&l, Duration::from_secs(3))
+            .unwrap_or_else(|| panic!("the host did not connect within 3 s; log:\n{}", host.log_text()));
         found.push(t.elapsed());
         // The domain ends: libvirt removes the directory; the host lets go
         // of the channel (its connection ends).
@@ -555,8 +557,16 @@ fn a_guest_is_served_within_100_ms_of_its_socket_appearing_and_let_go_as_fast() 
         ms(&found),
         ms(&gone)
     ));
-    assert!(found.iter().all(|d| *d < Duration::from_millis(100)), "{:?}", ms(&found));
-    assert!(gone.iter().all(|d| *d < Duration::from_millis(100)), "{:?}", ms(&gone));
+    assert!(
+        found.iter().all(|d| *d < Duration::from_millis(100)),
+        "{:?}",
+        ms(&found)
+    );
+    assert!(
+        gone.iter().all(|d| *d < Duration::from_millis(100)),
+        "{:?}",
+        ms(&gone)
+    );
 }
 
 #[test]
@@ -571,7 +581,14 @@ fn sighup_rescans_at_once() {
         Command::new(bin("vios-host-bridge"))
             .arg("--guest-dir")
             .arg(&guests)
-            .args(["--rescan", "1h", "--watch", "false", "--service", "echo=127.0.0.1:9"]),
+            .args([
+                "--rescan",
+                "1h",
+                "--watch",
+                "false",
+                "--service",
+                "echo=127.0.0.1:9",
+            ]),
         dir.join("host.log"),
     );
     host.wait_log("watching", 1, Duration::from_secs(5));

@@ -485,7 +485,10 @@ fn figures_raw_port_and_through_the_bridge() {
         Duration::from_secs(20),
     );
     let bg_mb = json_num(&json_line(&bg, "mb_per_s"), "mb_per_s");
-    assert!(bg_mb > 0.0, "the bulk stream did not run beside the round trips: {bg}");
+    assert!(
+        bg_mb > 0.0,
+        "the bulk stream did not run beside the round trips: {bg}"
+    );
     vios_tests::record_figure(&format!(
         "VM (TCG) round trip from the guest through both bridges: p50 {idle50:.0} us, p99 {idle99:.0} us alone; \
          p50 {busy50:.0} us, p99 {busy99:.0} us beside a bulk stream (which moved {bg_mb:.0} MB/s meanwhile)"
