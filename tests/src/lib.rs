@@ -7,6 +7,7 @@
 
 pub mod guests;
 pub mod servers;
+pub mod systemd_vm;
 pub mod tool;
 pub mod vm;
 

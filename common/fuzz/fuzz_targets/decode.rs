@@ -131,8 +131,9 @@ fn check_frame(input: &[u8], f: &Frame<'_>, len: usize, tag: u16, max_data: usiz
 /// `Incomplete` must mean "the header so far is fine and more bytes are due",
 /// never more than one maximal frame's worth.
 fn check_incomplete(input: &[u8], max_data: usize) {
+    // Types 0x00 (DATA) to 0x0A (ACK) are defined.
     assert!(
-        input[0] <= 9,
+        input[0] <= 0x0A,
         "Incomplete for unknown frame type {:#04x}",
         input[0]
     );
