@@ -676,13 +676,15 @@ impl Session {
         };
         // Frames are sized by this side's own buffers, never by what the
         // peer declares it could take (up to 16 MiB); with an in-flight
-        // limit, by a quarter of it, so that frames interleave.
+        // limit and another stream to wait behind, by a quarter of it, so
+        // that frames interleave (a lone stream writes large frames: fewer
+        // system calls, which a guest's emulated CPU feels most).
         let mut max = e
             .info
             .peer_limits
             .max_frame_payload
             .min(self.cfg.limits.max_frame_payload) as usize;
-        if e.acks.is_some() {
+        if e.acks.is_some() && e.streams.len() >= 2 {
             max = max.min(self.cfg.inflight_limit.max(MIN_INFLIGHT) / 4 - frame::FRAME_OVERHEAD);
         }
         let s = e.streams.get(&stream)?;
