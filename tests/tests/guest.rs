@@ -102,43 +102,61 @@ fn load_as_nobody(args: &[&str]) -> std::process::Output {
         .expect("setpriv")
 }
 
+/// An echo server, a host bridge and a guest bridge joined by the QEMU
+/// stand-in; the guest listens on `port` for the echo service.
+struct EchoPair {
+    guest: Proc,
+    port: u16,
+    _host: Proc,
+    _standin: Proc,
+    _server: Server,
+    _dir: TempDir,
+}
+
+impl EchoPair {
+    fn start(name: &str, host_args: &[&str], guest_args: &[&str]) -> EchoPair {
+        let dir = TempDir::new(name);
+        let server = Server::start(Mode::Echo);
+        let hsock = dir.join("host.sock");
+        let gsock = dir.join("guest.sock");
+        let standin = standin_at(&hsock, &gsock, dir.join("standin.log"));
+        let host = Proc::spawn(
+            "host-bridge",
+            Command::new(bin("vios-host-bridge"))
+                .arg("--guest")
+                .arg(format!("vm={}", hsock.display()))
+                .args(["--service", &format!("echo={}", server.addr)])
+                .args(host_args),
+            dir.join("host.log"),
+        );
+        let port = free_port();
+        let guest = Proc::spawn(
+            "guest-bridge",
+            Command::new(bin("vios-guest-bridge"))
+                .arg("--channel")
+                .arg(format!("unix:{}", gsock.display()))
+                .args(["--listen", &format!("127.0.0.1:{port}=echo")])
+                .args(guest_args),
+            dir.join("guest.log"),
+        );
+        guest.wait_log("session established", 1, Duration::from_secs(15));
+        EchoPair {
+            guest,
+            port,
+            _host: host,
+            _standin: standin,
+            _server: server,
+            _dir: dir,
+        }
+    }
+}
+
 #[test]
 fn a_second_user_is_served_while_another_holds_its_share() {
-    let dir = TempDir::new("users");
-    let server = Server::start(Mode::Echo);
-    let hsock = dir.join("host.sock");
-    let gsock = dir.join("guest.sock");
-    let _standin = standin_at(&hsock, &gsock, dir.join("standin.log"));
     // The host allows 10 streams: one user alone may have 8 (a part of 2,
     // an eighth rounded up, is kept for one more user).
-    let _host = Proc::spawn(
-        "host-bridge",
-        Command::new(bin("vios-host-bridge"))
-            .arg("--guest")
-            .arg(format!("vm={}", hsock.display()))
-            .args([
-                "--service",
-                &format!("echo={}", server.addr),
-                "--max-streams",
-                "10",
-            ]),
-        dir.join("host.log"),
-    );
-    let port = free_port();
-    let guest = Proc::spawn(
-        "guest-bridge",
-        Command::new(bin("vios-guest-bridge"))
-            .arg("--channel")
-            .arg(format!("unix:{}", gsock.display()))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}=echo"),
-                "--session-wait",
-                "20s",
-            ]),
-        dir.join("guest.log"),
-    );
-    guest.wait_log("session established", 1, Duration::from_secs(15));
+    let pair = EchoPair::start("users", &["--max-streams", "10"], &["--session-wait", "20s"]);
+    let (guest, port) = (&pair.guest, pair.port);
     // root opens 11 connections; 8 become streams, 3 wait.
     let mut held: Vec<TcpStream> = (0..11)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
@@ -181,37 +199,13 @@ fn closed_streams_give_their_users_part_back() {
     // all be served (a stream that closes gives its place back, with or
     // without fair shares between users).
     for shares in ["true", "false"] {
-        let dir = TempDir::new("reuse");
-        let server = Server::start(Mode::Echo);
-        let hsock = dir.join("host.sock");
-        let gsock = dir.join("guest.sock");
-        let _standin = standin_at(&hsock, &gsock, dir.join("standin.log"));
-        let _host = Proc::spawn(
-            "host-bridge",
-            Command::new(bin("vios-host-bridge"))
-                .arg("--guest")
-                .arg(format!("vm={}", hsock.display()))
-                .args([
-                    "--service",
-                    &format!("echo={}", server.addr),
-                    "--max-streams",
-                    "10",
-                ])
-                // (100 opens in well under a second: beyond the default rate.)
-                .args(["--open-rate", "0"]),
-            dir.join("host.log"),
+        // (100 opens in well under a second: beyond the default open rate.)
+        let pair = EchoPair::start(
+            "reuse",
+            &["--max-streams", "10", "--open-rate", "0"],
+            &["--session-wait", "2s", "--user-shares", shares],
         );
-        let port = free_port();
-        let guest = Proc::spawn(
-            "guest-bridge",
-            Command::new(bin("vios-guest-bridge"))
-                .arg("--channel")
-                .arg(format!("unix:{}", gsock.display()))
-                .args(["--listen", &format!("127.0.0.1:{port}=echo")])
-                .args(["--session-wait", "2s", "--user-shares", shares]),
-            dir.join("guest.log"),
-        );
-        guest.wait_log("session established", 1, Duration::from_secs(15));
+        let (guest, port) = (&pair.guest, pair.port);
         for i in 0..100 {
             let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
             c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

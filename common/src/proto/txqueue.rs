@@ -278,6 +278,9 @@ impl TxQueue {
             return &[];
         }
         let b = &self.bulk;
+        if b.appended - b.written <= allowed as u64 {
+            return b.buf.pending();
+        }
         let mut n = 0u64;
         for r in &b.records {
             let size = r.end - b.written - n;
@@ -293,8 +296,10 @@ impl TxQueue {
     pub fn advance(&mut self, n: usize) {
         let lane = self.last.expect("advance without poll");
         let mut counted = 0u64;
-        let mut freed: Vec<(StreamId, usize)> = Vec::new();
-        let l = self.lane(lane);
+        let (l, mut by_stream) = match lane {
+            Lane::Urgent => (&mut self.urgent, None),
+            Lane::Bulk => (&mut self.bulk, Some(&mut self.bulk_by_stream)),
+        };
         l.buf.advance(n);
         l.written += n as u64;
         while let Some(r) = l.records.front().copied() {
@@ -306,20 +311,17 @@ impl TxQueue {
             if r.counted {
                 counted += size as u64;
             }
-            if lane == Lane::Bulk {
-                freed.push((r.stream, size));
+            if let Some(m) = by_stream.as_deref_mut() {
+                if let Some(b) = m.get_mut(&r.stream) {
+                    *b -= size;
+                    if *b == 0 {
+                        m.remove(&r.stream);
+                    }
+                }
             }
             l.boundary = r.end;
         }
         self.frames_written += counted;
-        for (stream, size) in freed {
-            if let Some(b) = self.bulk_by_stream.get_mut(&stream) {
-                *b -= size;
-                if *b == 0 {
-                    self.bulk_by_stream.remove(&stream);
-                }
-            }
-        }
     }
 }
 

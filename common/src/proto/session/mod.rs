@@ -46,7 +46,7 @@ use super::frame::{self, Frame, StreamId};
 use super::hello::{self, Hello, Nonce, Role, NO_NONCE};
 use super::rate::Bucket;
 use super::rng::SplitMix64;
-use super::txqueue::{self, TxQueue};
+use super::txqueue::{push_frame, TxQueue};
 
 #[derive(Debug)]
 struct Stream {
@@ -472,8 +472,8 @@ impl Session {
             return usize::MAX;
         }
         match est.and_then(|e| e.acks.as_ref()) {
-            Some(a) => {
-                let in_flight = self.tx.frames_written() - a.peer_acked;
+            Some(_) => {
+                let in_flight = self.in_flight();
                 if in_flight == 0 {
                     // Whatever the frame, it may go (none is larger than the
                     // limit, but nothing must ever wait on an empty channel).
@@ -489,12 +489,6 @@ impl Session {
     /// Bytes queued for the channel, in both lanes.
     pub fn tx_pending(&self) -> usize {
         self.tx.len()
-    }
-
-    /// Frame bytes of this session written so far (HELLOs not counted): what
-    /// the peer's ACKs count.
-    pub fn frames_sent(&self) -> u64 {
-        self.tx.frames_written()
     }
 
     /// Frame bytes written and not yet acknowledged (0 without CHANNEL_ACK).
@@ -974,8 +968,4 @@ impl Role {
             Role::Host => Role::Guest,
         }
     }
-}
-
-fn push_frame(tx: &mut TxQueue, tag: u16, frame: &Frame<'_>) {
-    txqueue::push_frame(tx, tag, frame);
 }

@@ -1274,6 +1274,17 @@ fn feed_side(side: &mut Side, bytes: &[u8], now: Instant) {
     }
 }
 
+/// Ten rounds of offering `data` to `stream` and writing out what the
+/// session lets go; returns the bytes the stream took.
+fn send_rounds(s: &mut Session, stream: StreamId, data: &[u8], wire: &mut Vec<u8>) -> usize {
+    let mut sent = 0;
+    for _ in 0..10 {
+        sent += s.send(stream, &data[sent..]);
+        write_out(s, wire);
+    }
+    sent
+}
+
 #[test]
 fn bulk_stops_at_the_in_flight_limit_until_acknowledged() {
     let mut p = wide_pair();
@@ -1287,10 +1298,7 @@ fn bulk_stops_at_the_in_flight_limit_until_acknowledged() {
     let mut wire = vec![];
     // Nothing acknowledged: the guest writes at most the limit, whatever
     // the stream's credit and the transmit buffer would allow.
-    for _ in 0..10 {
-        sent += p.g.s.send(id, &data[sent..]);
-        write_out(&mut p.g.s, &mut wire);
-    }
+    sent += send_rounds(&mut p.g.s, id, &data[sent..], &mut wire);
     assert!(
         sent as u64 > limit,
         "the buffer holds more than the limit ({sent})"
@@ -1332,10 +1340,7 @@ fn a_lone_stream_is_not_held_to_the_in_flight_limit() {
     let data = pattern(8_000_000, 4);
     let mut sent = 0;
     let mut wire = vec![];
-    for _ in 0..10 {
-        sent += p.g.s.send(id, &data[sent..]);
-        write_out(&mut p.g.s, &mut wire);
-    }
+    sent += send_rounds(&mut p.g.s, id, &data[sent..], &mut wire);
     assert!(
         wire.len() > 2 * limit,
         "{} bytes written, limit {limit}",
@@ -1347,10 +1352,7 @@ fn a_lone_stream_is_not_held_to_the_in_flight_limit() {
     p.drive();
     let _other = open_accepted(&mut p);
     let mut more = vec![];
-    for _ in 0..10 {
-        sent += p.g.s.send(id, &data[sent..]);
-        write_out(&mut p.g.s, &mut more);
-    }
+    sent += send_rounds(&mut p.g.s, id, &data[sent..], &mut more);
     assert!(sent < data.len(), "all of it was taken");
     assert!(more.len() <= limit, "{} bytes beyond the limit", more.len());
 }
