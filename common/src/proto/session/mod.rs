@@ -491,6 +491,12 @@ impl Session {
         self.tx.len()
     }
 
+    /// Frames written to the channel so far (what a peer's CHANNEL_ACK counts;
+    /// the fuzz harness builds plausible and implausible ACKs from it).
+    pub fn frames_sent(&self) -> u64 {
+        self.tx.frames_written()
+    }
+
     /// Frame bytes written and not yet acknowledged (0 without CHANNEL_ACK).
     pub fn in_flight(&self) -> u64 {
         self.est_ref()
