@@ -58,258 +58,258 @@ fn guest(op: GuestOp) -> Op {
 }
 
 fn session_seeds() -> Vec<(&'static str, Input)> {
-    let mut v = Vec::new();
-    v.push((
-        "handshake",
-        Input {
-            setup: setup(1),
-            ops: vec![],
-        },
-    ));
-    v.push((
-        "stream-lifecycle",
-        Input {
-            setup: setup(1),
-            ops: vec![
-                guest(GuestOp::Open { service: 0 }),
-                guest(GuestOp::Send { idx: 0, len: 100 }),
-                Op::Pump,
-                Op::Accept { stream: live(0) },
-                Op::Consumed {
-                    stream: live(0),
-                    n: 100,
-                },
-                Op::Send {
-                    stream: live(0),
-                    len: 3000,
-                },
-                Op::Pump,
-                guest(GuestOp::Send { idx: 0, len: 5000 }),
-                Op::Pump,
-                Op::Consumed {
-                    stream: live(0),
-                    n: 4096,
-                },
-                Op::Pump,
-                guest(GuestOp::Finish { idx: 0 }),
-                Op::Pump,
-                Op::Finish { stream: live(0) },
-                Op::Pump,
-            ],
-        },
-    ));
-    v.push((
-        "stream-limit-and-refuse",
-        Input {
-            setup: setup(3),
-            ops: vec![
-                guest(GuestOp::Open { service: 0 }),
-                guest(GuestOp::Open { service: 1 }),
-                guest(GuestOp::Open { service: 2 }),
-                guest(GuestOp::Open { service: 3 }),
-                Op::Pump,
-                Op::Refuse {
-                    stream: live(1),
-                    code: 3,
-                },
-                Op::Reset {
-                    stream: live(0),
-                    code: 8,
-                },
-                frame(FrameOp::Open {
-                    stream: Sid::Next,
-                    service: 0,
-                }),
-                frame(FrameOp::Open {
-                    stream: Sid::Next,
-                    service: 0,
-                }),
-                frame(FrameOp::Open {
-                    stream: Sid::Next,
-                    service: 0,
-                }),
-                Op::Drain { n: 0 },
-            ],
-        },
-    ));
-    v.push((
-        "hello-then-frames",
-        Input {
-            setup: setup(0),
-            ops: vec![
-                Op::Hello { hello: guest_hello() },
-                Op::Drain { n: 0 },
-                frame(FrameOp::Open {
-                    stream: Sid::Next,
-                    service: 0,
-                }),
-                frame(FrameOp::Data {
-                    stream: live(0),
-                    len: 1000,
-                    byte: b'd',
-                }),
-                Op::Accept { stream: live(0) },
-                Op::Send {
-                    stream: live(0),
-                    len: 1024,
-                },
-                Op::Send {
-                    stream: live(0),
-                    len: 1024,
-                },
-                frame(FrameOp::Credit {
-                    stream: live(0),
-                    increment: 1000,
-                }),
-                Op::Send {
-                    stream: live(0),
-                    len: 3000,
-                },
-                frame(FrameOp::Ping { opaque: *b"pingpong" }),
-                frame(FrameOp::Data {
-                    stream: live(0),
-                    len: 1024,
-                    byte: b'e',
-                }),
-                frame(FrameOp::Data {
-                    stream: live(0),
-                    len: 1024,
-                    byte: b'f',
-                }),
-                Op::Consumed {
-                    stream: live(0),
-                    n: 2048,
-                },
-                frame(FrameOp::Data {
-                    stream: live(0),
-                    len: 1024,
-                    byte: b'g',
-                }),
-                frame(FrameOp::Data {
-                    stream: live(0),
-                    len: 1024,
-                    byte: b'h',
-                }),
-                frame(FrameOp::Fin { stream: live(0) }),
-                Op::Finish { stream: live(0) },
-                frame(FrameOp::Reset {
-                    stream: Sid::Id { id: 1 },
-                    code: 8,
-                    text: 5,
-                }),
-                frame(FrameOp::GoAway {
-                    code: 0,
-                    drain_ms: 0,
-                    text: 13,
-                }),
-                Op::Drain { n: 0 },
-            ],
-        },
-    ));
-    v.push((
-        "keepalive-and-idle",
-        Input {
-            setup: setup(1),
-            ops: vec![
-                Op::Timeout,
-                Op::Drain { n: 0 },
-                frame(FrameOp::Pong {
-                    last: 1,
-                    opaque: [0; 8],
-                }),
-                Op::Timeout,
-                Op::Timeout,
-                Op::Advance { ms: 20_000 },
-                Op::Pump,
-                Op::Advance { ms: 5000 },
-                Op::Pump,
-            ],
-        },
-    ));
-    v.push((
-        "restart-and-garbage",
-        Input {
-            setup: setup(1),
-            ops: vec![
-                guest(GuestOp::Open { service: 0 }),
-                Op::Pump,
-                Op::Raw {
-                    bytes: Bytes(b"\x00\x00garbage\x89VIOS\r\n\x1a\x00\x40".to_vec()),
-                },
-                Op::Pump,
-                guest(GuestOp::Restart),
-                Op::Pump,
-                Op::Tagged {
-                    ty: 0x0a,
-                    flags: 0,
-                    stream: Sid::Id { id: 0 },
-                    payload: Bytes(b"??".to_vec()),
-                },
-                Op::Advance { ms: 2000 },
-                Op::Pump,
-                guest(GuestOp::GoAway {
-                    code: 0,
-                    drain_ms: 100,
-                }),
-                Op::Pump,
-                Op::LinkDown,
-                Op::LinkUp,
-                Op::Pump,
-                Op::Shutdown { grace_ms: 10 },
-                Op::Pump,
-                Op::Advance { ms: 20 },
-            ],
-        },
-    ));
-    v.push((
-        "rate-limits",
-        Input {
-            setup: setup(1 | 4),
-            ops: vec![
-                guest(GuestOp::Open { service: 0 }),
-                guest(GuestOp::Open { service: 0 }),
-                guest(GuestOp::Open { service: 0 }),
-                guest(GuestOp::Open { service: 0 }),
-                guest(GuestOp::Open { service: 0 }),
-                Op::Pump,
-                frame(FrameOp::Ping { opaque: [1; 8] }),
-                frame(FrameOp::Ping { opaque: [2; 8] }),
-                frame(FrameOp::Ping { opaque: [3; 8] }),
-                Op::Advance { ms: 1000 },
-                Op::Pump,
-            ],
-        },
-    ));
-    v.push((
-        "flow-control-violation",
-        Input {
-            setup: Setup {
-                window: 99,
-                ..setup(1)
+    vec![
+        (
+            "handshake",
+            Input {
+                setup: setup(1),
+                ops: vec![],
             },
-            ops: vec![
-                guest(GuestOp::Open { service: 0 }),
-                Op::Pump,
-                frame(FrameOp::Data {
-                    stream: live(0),
-                    len: 101,
-                    byte: 0,
-                }),
-                frame(FrameOp::Credit {
-                    stream: live(0),
-                    increment: u32::MAX,
-                }),
-                Op::Tagged {
-                    ty: 4,
-                    flags: 0,
-                    stream: Sid::Next,
-                    payload: Bytes(vec![0, 0, 0, 1]),
+        ),
+        (
+            "stream-lifecycle",
+            Input {
+                setup: setup(1),
+                ops: vec![
+                    guest(GuestOp::Open { service: 0 }),
+                    guest(GuestOp::Send { idx: 0, len: 100 }),
+                    Op::Pump,
+                    Op::Accept { stream: live(0) },
+                    Op::Consumed {
+                        stream: live(0),
+                        n: 100,
+                    },
+                    Op::Send {
+                        stream: live(0),
+                        len: 3000,
+                    },
+                    Op::Pump,
+                    guest(GuestOp::Send { idx: 0, len: 5000 }),
+                    Op::Pump,
+                    Op::Consumed {
+                        stream: live(0),
+                        n: 4096,
+                    },
+                    Op::Pump,
+                    guest(GuestOp::Finish { idx: 0 }),
+                    Op::Pump,
+                    Op::Finish { stream: live(0) },
+                    Op::Pump,
+                ],
+            },
+        ),
+        (
+            "stream-limit-and-refuse",
+            Input {
+                setup: setup(3),
+                ops: vec![
+                    guest(GuestOp::Open { service: 0 }),
+                    guest(GuestOp::Open { service: 1 }),
+                    guest(GuestOp::Open { service: 2 }),
+                    guest(GuestOp::Open { service: 3 }),
+                    Op::Pump,
+                    Op::Refuse {
+                        stream: live(1),
+                        code: 3,
+                    },
+                    Op::Reset {
+                        stream: live(0),
+                        code: 8,
+                    },
+                    frame(FrameOp::Open {
+                        stream: Sid::Next,
+                        service: 0,
+                    }),
+                    frame(FrameOp::Open {
+                        stream: Sid::Next,
+                        service: 0,
+                    }),
+                    frame(FrameOp::Open {
+                        stream: Sid::Next,
+                        service: 0,
+                    }),
+                    Op::Drain { n: 0 },
+                ],
+            },
+        ),
+        (
+            "hello-then-frames",
+            Input {
+                setup: setup(0),
+                ops: vec![
+                    Op::Hello { hello: guest_hello() },
+                    Op::Drain { n: 0 },
+                    frame(FrameOp::Open {
+                        stream: Sid::Next,
+                        service: 0,
+                    }),
+                    frame(FrameOp::Data {
+                        stream: live(0),
+                        len: 1000,
+                        byte: b'd',
+                    }),
+                    Op::Accept { stream: live(0) },
+                    Op::Send {
+                        stream: live(0),
+                        len: 1024,
+                    },
+                    Op::Send {
+                        stream: live(0),
+                        len: 1024,
+                    },
+                    frame(FrameOp::Credit {
+                        stream: live(0),
+                        increment: 1000,
+                    }),
+                    Op::Send {
+                        stream: live(0),
+                        len: 3000,
+                    },
+                    frame(FrameOp::Ping { opaque: *b"pingpong" }),
+                    frame(FrameOp::Data {
+                        stream: live(0),
+                        len: 1024,
+                        byte: b'e',
+                    }),
+                    frame(FrameOp::Data {
+                        stream: live(0),
+                        len: 1024,
+                        byte: b'f',
+                    }),
+                    Op::Consumed {
+                        stream: live(0),
+                        n: 2048,
+                    },
+                    frame(FrameOp::Data {
+                        stream: live(0),
+                        len: 1024,
+                        byte: b'g',
+                    }),
+                    frame(FrameOp::Data {
+                        stream: live(0),
+                        len: 1024,
+                        byte: b'h',
+                    }),
+                    frame(FrameOp::Fin { stream: live(0) }),
+                    Op::Finish { stream: live(0) },
+                    frame(FrameOp::Reset {
+                        stream: Sid::Id { id: 1 },
+                        code: 8,
+                        text: 5,
+                    }),
+                    frame(FrameOp::GoAway {
+                        code: 0,
+                        drain_ms: 0,
+                        text: 13,
+                    }),
+                    Op::Drain { n: 0 },
+                ],
+            },
+        ),
+        (
+            "keepalive-and-idle",
+            Input {
+                setup: setup(1),
+                ops: vec![
+                    Op::Timeout,
+                    Op::Drain { n: 0 },
+                    frame(FrameOp::Pong {
+                        last: 1,
+                        opaque: [0; 8],
+                    }),
+                    Op::Timeout,
+                    Op::Timeout,
+                    Op::Advance { ms: 20_000 },
+                    Op::Pump,
+                    Op::Advance { ms: 5000 },
+                    Op::Pump,
+                ],
+            },
+        ),
+        (
+            "restart-and-garbage",
+            Input {
+                setup: setup(1),
+                ops: vec![
+                    guest(GuestOp::Open { service: 0 }),
+                    Op::Pump,
+                    Op::Raw {
+                        bytes: Bytes(b"\x00\x00garbage\x89VIOS\r\n\x1a\x00\x40".to_vec()),
+                    },
+                    Op::Pump,
+                    guest(GuestOp::Restart),
+                    Op::Pump,
+                    Op::Tagged {
+                        ty: 0x0a,
+                        flags: 0,
+                        stream: Sid::Id { id: 0 },
+                        payload: Bytes(b"??".to_vec()),
+                    },
+                    Op::Advance { ms: 2000 },
+                    Op::Pump,
+                    guest(GuestOp::GoAway {
+                        code: 0,
+                        drain_ms: 100,
+                    }),
+                    Op::Pump,
+                    Op::LinkDown,
+                    Op::LinkUp,
+                    Op::Pump,
+                    Op::Shutdown { grace_ms: 10 },
+                    Op::Pump,
+                    Op::Advance { ms: 20 },
+                ],
+            },
+        ),
+        (
+            "rate-limits",
+            Input {
+                setup: setup(1 | 4),
+                ops: vec![
+                    guest(GuestOp::Open { service: 0 }),
+                    guest(GuestOp::Open { service: 0 }),
+                    guest(GuestOp::Open { service: 0 }),
+                    guest(GuestOp::Open { service: 0 }),
+                    guest(GuestOp::Open { service: 0 }),
+                    Op::Pump,
+                    frame(FrameOp::Ping { opaque: [1; 8] }),
+                    frame(FrameOp::Ping { opaque: [2; 8] }),
+                    frame(FrameOp::Ping { opaque: [3; 8] }),
+                    Op::Advance { ms: 1000 },
+                    Op::Pump,
+                ],
+            },
+        ),
+        (
+            "flow-control-violation",
+            Input {
+                setup: Setup {
+                    window: 99,
+                    ..setup(1)
                 },
-                Op::Pump,
-            ],
-        },
-    ));
-    v
+                ops: vec![
+                    guest(GuestOp::Open { service: 0 }),
+                    Op::Pump,
+                    frame(FrameOp::Data {
+                        stream: live(0),
+                        len: 101,
+                        byte: 0,
+                    }),
+                    frame(FrameOp::Credit {
+                        stream: live(0),
+                        increment: u32::MAX,
+                    }),
+                    Op::Tagged {
+                        ty: 4,
+                        flags: 0,
+                        stream: Sid::Next,
+                        payload: Bytes(vec![0, 0, 0, 1]),
+                    },
+                    Op::Pump,
+                ],
+            },
+        ),
+    ]
 }
 
 fn hello_bytes(role: Role, nonce: u8, echo: u8) -> Vec<u8> {

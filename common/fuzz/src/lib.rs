@@ -681,7 +681,11 @@ impl Harness {
             refuse: op.flags & 1 != 0,
             nonce: op.nonce,
             echo,
-            capabilities: if op.flags & 2 != 0 { hello::CAP_CHANNEL_ACK } else { 0 },
+            capabilities: if op.flags & 2 != 0 {
+                hello::CAP_CHANNEL_ACK
+            } else {
+                0
+            },
             limits,
             code: Code::from_u16(op.code),
             text: text(op.text).into(),
