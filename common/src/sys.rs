@@ -250,6 +250,24 @@ pub fn inotify_add_watch(inotify: &std::fs::File, path: &std::path::Path, mask: 
     Ok(wd)
 }
 
+/// Whether this process may write `path` (for a unix socket: connect to
+/// it), judged by its effective user and groups as the kernel will judge the
+/// connect; a symlink is followed.
+pub fn may_write(path: &std::path::Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    if unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::W_OK, libc::AT_EACCESS) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => Ok(false),
+        _ => Err(e),
+    }
+}
+
 /// The effective user id.
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -290,6 +308,19 @@ fn id_from_db(name: &str, db: &str, what: &str) -> io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn may_write_judges_as_the_kernel_does() {
+        use std::os::unix::fs::PermissionsExt;
+        let p = std::env::temp_dir().join(format!("vios-may-write-{}", std::process::id()));
+        std::fs::write(&p, b"").unwrap();
+        assert!(may_write(&p).unwrap());
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
+        // Root may write anything; anybody else not a read-only file.
+        assert_eq!(may_write(&p).unwrap(), effective_uid() == 0);
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(may_write(&p).unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
 
     #[test]
     fn the_soft_limit_reaches_the_hard_one() {

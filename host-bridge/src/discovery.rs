@@ -10,6 +10,12 @@
 //! agent's socket beside ours), so only sockets whose file name matches the
 //! channel pattern are taken. A guest is identified by its directory path: a
 //! VM that restarts under libvirt gets a new directory and is a new guest.
+//!
+//! A matching socket this process may not connect to is not a channel yet:
+//! libvirt creates each channel socket as root and hands it to QEMU's user
+//! (whose group the bridge is in) a moment later. The scan lists it apart
+//! ([`Scan::barred`]); the watch sees the hand-over (a change of owner or
+//! mode) and the next scan finds the channel.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -19,6 +25,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use vios_common::io::link::SocketId;
+use vios_common::sys;
 
 /// libvirt's channel directories, newer then older.
 pub const LIBVIRT_DIRS: [&str; 2] = [
@@ -57,6 +64,9 @@ pub struct Scan {
     pub failed: Vec<(PathBuf, io::Error)>,
     /// Every guest directory listed, with channel sockets or not yet.
     pub guest_dirs: Vec<PathBuf>,
+    /// Matching sockets this process may not connect to (yet), left out of
+    /// `found`.
+    pub barred: Vec<(PathBuf, SocketId)>,
 }
 
 impl Scan {
@@ -75,6 +85,8 @@ impl Scan {
 enum Kind {
     Dir,
     Socket(SocketId),
+    /// A socket this process may not write, so not connect to.
+    Barred(SocketId),
     Other,
 }
 
@@ -105,7 +117,10 @@ fn scan_with(dirs: &[PathBuf], pattern: &str, list: &Lister) -> Scan {
             let guest_dir = dir.join(&name);
             scan.guest_dirs.push(guest_dir.clone());
             let sockets = match channel_sockets(&guest_dir, pattern, list) {
-                Ok(s) => s,
+                Ok((s, barred)) => {
+                    scan.barred.extend(barred);
+                    s
+                }
                 // Removed between the two listings: gone like any other.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => {
@@ -139,10 +154,12 @@ fn list(dir: &Path) -> io::Result<Vec<(OsString, Kind)>> {
         let kind = if t.is_dir() {
             Kind::Dir
         } else if t.is_socket() {
-            match SocketId::of(&entry.path()) {
-                Ok(id) => Kind::Socket(id),
-                // Gone or replaced since the listing: not a channel now.
-                Err(_) => Kind::Other,
+            let path = entry.path();
+            // Gone or replaced since the listing: not a channel now.
+            match (SocketId::of(&path), sys::may_write(&path)) {
+                (Ok(id), Ok(true)) => Kind::Socket(id),
+                (Ok(id), Ok(false)) => Kind::Barred(id),
+                _ => Kind::Other,
             }
         } else {
             Kind::Other
@@ -152,19 +169,27 @@ fn list(dir: &Path) -> io::Result<Vec<(OsString, Kind)>> {
     Ok(v)
 }
 
-fn channel_sockets(dir: &Path, pattern: &str, list: &Lister) -> io::Result<Vec<ChannelAt>> {
-    let mut v: Vec<ChannelAt> = list(dir)?
-        .into_iter()
-        .filter_map(|(name, kind)| match kind {
-            Kind::Socket(id) if glob_match(pattern, &name.to_string_lossy()) => Some(ChannelAt {
+/// A guest directory's channel sockets, sorted, and the matching sockets
+/// this process may not connect to.
+type Channels = (Vec<ChannelAt>, Vec<(PathBuf, SocketId)>);
+
+fn channel_sockets(dir: &Path, pattern: &str, list: &Lister) -> io::Result<Channels> {
+    let (mut ready, mut barred) = (Vec::new(), Vec::new());
+    for (name, kind) in list(dir)? {
+        if !glob_match(pattern, &name.to_string_lossy()) {
+            continue;
+        }
+        match kind {
+            Kind::Socket(id) => ready.push(ChannelAt {
                 path: dir.join(name),
                 id: Some(id),
             }),
-            _ => None,
-        })
-        .collect();
-    v.sort();
-    Ok(v)
+            Kind::Barred(id) => barred.push((dir.join(name), id)),
+            Kind::Dir | Kind::Other => {}
+        }
+    }
+    ready.sort();
+    Ok((ready, barred))
 }
 
 /// `12-vm1` and `domain-12-vm1` (libvirt) name the guest `vm1`; anything else
@@ -322,5 +347,42 @@ mod tests {
         };
         let s = scan_with(&dirs, "org.qpid.vios.*", &raced);
         assert!(s.is_gone(&vm1) && !s.is_gone(&vm2), "{s:?}");
+    }
+
+    #[test]
+    fn a_socket_we_may_not_connect_to_is_no_channel_yet() {
+        let root = PathBuf::from("/guests");
+        let id = SocketId {
+            dev: 1,
+            ino: 2,
+            uid: 0,
+        };
+        // As libvirt leaves it for a moment: created by root, not yet
+        // handed to QEMU's user; the guest agent's socket beside it.
+        let handed_over = std::cell::Cell::new(false);
+        let list = |dir: &Path| -> io::Result<Vec<(OsString, Kind)>> {
+            Ok(if dir == root {
+                vec![("domain-1-vm1".into(), Kind::Dir)]
+            } else {
+                let ours = if handed_over.get() {
+                    Kind::Socket(SocketId { uid: 64055, ..id })
+                } else {
+                    Kind::Barred(id)
+                };
+                vec![
+                    ("org.qpid.vios.0".into(), ours),
+                    ("org.qemu.guest_agent.0".into(), Kind::Barred(id)),
+                ]
+            })
+        };
+        let dirs = [root.clone()];
+        let s = scan_with(&dirs, "org.qpid.vios.*", &list);
+        assert!(s.found.is_empty(), "{s:?}");
+        assert_eq!(s.barred, vec![(root.join("domain-1-vm1/org.qpid.vios.0"), id)]);
+        assert_eq!(s.guest_dirs, vec![root.join("domain-1-vm1")], "watched meanwhile");
+        handed_over.set(true);
+        let s = scan_with(&dirs, "org.qpid.vios.*", &list);
+        assert!(s.barred.is_empty(), "{s:?}");
+        assert_eq!(s.found[&root.join("domain-1-vm1")].sockets.len(), 1);
     }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use mio::event::Event;
 use mio::Registry;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
@@ -17,6 +17,7 @@ use vios_common::io::control::{ControlServer, StatusSource};
 use vios_common::io::event_loop::{Handler, Turn};
 use vios_common::io::link::REPORT_AGAIN;
 use vios_common::status::{GuestStatus, Status};
+use vios_common::sys;
 use vios_common::systemd::{Heartbeat, Notifier};
 
 use crate::config::Cli;
@@ -38,6 +39,9 @@ const WATCH: mio::Token = mio::Token(1);
 const WATCH_SETTLE: Duration = Duration::from_millis(10);
 /// ... and comes at most this often, whatever the rate of changes.
 const WATCH_MIN_GAP: Duration = Duration::from_millis(20);
+/// How long a channel socket may stay closed to this process before it is
+/// reported: libvirt hands its sockets over within milliseconds.
+const BARRED_GRACE: Duration = Duration::from_secs(2);
 
 /// Where a guest comes from: the command line, or a directory on disk.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -65,6 +69,9 @@ pub struct Supervisor {
     next_health: Instant,
     /// The last failure to read each directory, and when it was logged.
     scan_failures: BTreeMap<PathBuf, (String, Instant)>,
+    /// Channel sockets this process may not connect to: since when, and
+    /// whether that was reported.
+    barred: BTreeMap<PathBuf, (Instant, bool)>,
     /// Why the daemon must exit with an error.
     pub failure: Option<io::Error>,
     done: bool,
@@ -100,6 +107,7 @@ impl Supervisor {
             next_id: 1,
             next_health: now + HEALTH_EVERY,
             scan_failures: BTreeMap::new(),
+            barred: BTreeMap::new(),
             failure: None,
             done: false,
             control: None,
@@ -214,6 +222,7 @@ impl Supervisor {
         self.last_scan = Some(now);
         let scan = discovery::scan(&dirs, &self.cli.channel_pattern);
         self.log_scan_failures(&scan, now);
+        self.log_barred(&scan, now);
         if let Some(w) = &mut self.watch {
             let mut watch: Vec<PathBuf> = dirs.clone();
             watch.extend(scan.guest_dirs.iter().cloned());
@@ -300,6 +309,43 @@ impl Supervisor {
             if self.scan_failures.remove(dir).is_some() {
                 info!("{} can be read again", dir.display());
             }
+        }
+    }
+
+    /// Reports each channel socket that has stayed closed to this process
+    /// for [`BARRED_GRACE`] (once; again if it opens and closes again).
+    fn log_barred(&mut self, scan: &discovery::Scan, now: Instant) {
+        self.barred.retain(|p, _| scan.barred.iter().any(|(b, _)| b == p));
+        for (path, id) in &scan.barred {
+            let (since, reported) = self.barred.entry(path.clone()).or_insert((now, false));
+            if *reported {
+                continue;
+            }
+            if now.duration_since(*since) < BARRED_GRACE {
+                debug!(
+                    "{}: not ours to connect to yet (owner uid {})",
+                    path.display(),
+                    id.uid
+                );
+                continue;
+            }
+            *reported = true;
+            let mode = std::fs::symlink_metadata(path)
+                .map(|m| {
+                    format!(
+                        "{:o}",
+                        std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777
+                    )
+                })
+                .unwrap_or_else(|_| "?".into());
+            warn!(
+                "{}: this user (uid {}) may not connect to it (owner uid {}, mode {mode}): the \
+                 bridge's user needs the socket's group (docs/OPERATIONS.md); looking again at \
+                 every scan",
+                path.display(),
+                sys::effective_uid(),
+                id.uid
+            );
         }
     }
 

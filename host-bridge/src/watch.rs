@@ -17,8 +17,11 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use vios_common::sys;
 
-/// Entries appearing, going or renamed; the directory itself going.
+/// Entries appearing, going or renamed; an entry's owner or mode changing
+/// (libvirt hands each channel socket it created as root to QEMU's user);
+/// the directory itself going.
 const MASK: u32 = libc::IN_CREATE
+    | libc::IN_ATTRIB
     | libc::IN_DELETE
     | libc::IN_MOVED_FROM
     | libc::IN_MOVED_TO
@@ -127,6 +130,11 @@ mod tests {
         // Once watched, a socket created in it is seen too.
         assert_eq!(w.set(&[top.clone(), guest.clone()]), 2);
         let sock = std::os::unix::net::UnixListener::bind(guest.join("org.qpid.vios.0")).unwrap();
+        assert!(events_within(&mut w, &mut poll, short));
+        // Its mode changing (as an owner changing, when libvirt hands it over).
+        use std::os::unix::fs::PermissionsExt;
+        let perms = std::fs::Permissions::from_mode(0o770);
+        std::fs::set_permissions(guest.join("org.qpid.vios.0"), perms).unwrap();
         assert!(events_within(&mut w, &mut poll, short));
         // And its removal.
         drop(sock);

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod guests;
+pub mod libvirt;
 pub mod servers;
 pub mod systemd_vm;
 pub mod tool;

@@ -52,10 +52,12 @@ pub fn image_or_skip() -> Option<PathBuf> {
     }
 }
 
-/// One guest under QEMU.
+/// One guest under QEMU: started by this harness ([`Vm::boot`]) or by
+/// libvirt ([`Vm::attach`]).
 pub struct Vm {
     pub name: String,
-    pub qemu: Proc,
+    /// QEMU, when this harness started it.
+    pub qemu: Option<Proc>,
     console: UnixStream,
     console_path: PathBuf,
     /// Bytes received from the console not yet consumed.
@@ -123,7 +125,7 @@ impl Vm {
         let console = connect_retry(&console_path, Duration::from_secs(10));
         let mut vm = Vm {
             name: spec.name.to_owned(),
-            qemu,
+            qemu: Some(qemu),
             console,
             console_path,
             pending: Vec::new(),
@@ -134,6 +136,62 @@ impl Vm {
         vm.wait_for("VIOS-GUEST-READY\n", Duration::from_secs(90));
         vm.guest_dir = vm.find_guest_dir(spec.channel_dir);
         vm
+    }
+
+    /// Takes over the console of a guest somebody else started (libvirt):
+    /// connects to its unix socket and synchronises with the console shell,
+    /// whether or not the guest is still booting. `guest_dir` is where the
+    /// guest's channel sockets are.
+    pub fn attach(name: &str, console_path: &Path, guest_dir: PathBuf, log_dir: &Path) -> Vm {
+        let console = connect_retry(console_path, Duration::from_secs(10));
+        let mut vm = Vm {
+            name: name.to_owned(),
+            qemu: None,
+            console,
+            console_path: console_path.to_path_buf(),
+            pending: Vec::new(),
+            guest_dir,
+            transcript: String::new(),
+            log_dir: log_dir.to_path_buf(),
+        };
+        vm.sync(Duration::from_secs(90));
+        vm
+    }
+
+    /// The console protocol's synchronisation (`scripts/vm/init`): a sync
+    /// line every second until its answer comes back after `VIOS-GUEST-READY`
+    /// (or from a shell that was ready before we connected); everything
+    /// before the answer is dropped.
+    pub fn sync(&mut self, timeout: Duration) {
+        static TOKEN: AtomicUsize = AtomicUsize::new(0);
+        let end = Instant::now() + timeout;
+        loop {
+            let token = format!("s{}", TOKEN.fetch_add(1, Ordering::SeqCst));
+            let answer = format!("__VIOS_SYNC_{token}__\n");
+            self.console
+                .write_all(format!("echo __VIOS_SYNC_\"\"{token}__\n").as_bytes())
+                .expect("console write");
+            let wait = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < wait {
+                if let Some(pos) = find(&self.pending, answer.as_bytes()) {
+                    let ready = find(&self.pending[..pos], b"VIOS-GUEST-READY\n").is_some();
+                    self.pending.drain(..pos + answer.len());
+                    if ready {
+                        // Answered after READY: sync once more to drop the
+                        // echo of lines sent while the guest was booting.
+                        return self.sync(end.saturating_duration_since(Instant::now()));
+                    }
+                    return;
+                }
+                self.read_some(Duration::from_millis(50));
+            }
+            assert!(
+                Instant::now() < end,
+                "{}: the console did not answer within {timeout:?}; console so far:\n{}",
+                self.name,
+                tail(&self.transcript, 4000)
+            );
+        }
     }
 
     fn find_guest_dir(&self, channel_dir: &Path) -> PathBuf {

@@ -359,10 +359,13 @@ impl Link {
                 if let Some(e) = s.take_error()? {
                     return Err(e);
                 }
-                // The process listening there runs as the socket's owner: a
-                // path swapped between the check and the connect is caught.
+                // The process listening there runs as the socket's owner (or
+                // as root, who is trusted anyway: libvirt creates and listens
+                // on each channel socket as root, then hands it to QEMU's
+                // user): a path swapped between the check and the connect is
+                // caught.
                 if let Ok(peer) = crate::sys::unix_peer_uid(&s) {
-                    if peer != id.uid {
+                    if peer != id.uid && peer != 0 {
                         return Err(io::Error::other(format!(
                             "{}: the listener runs as uid {peer}, the socket belongs to uid {}",
                             path.display(),
