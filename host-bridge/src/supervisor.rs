@@ -298,8 +298,13 @@ impl Supervisor {
                     dir.display()
                 );
             } else {
+                let hint = if e.kind() == io::ErrorKind::PermissionDenied {
+                    " (the bridge's user needs the directory's group: docs/OPERATIONS.md)"
+                } else {
+                    ""
+                };
                 warn!(
-                    "cannot read {}: {text}; its {kept} known guest(s) keep their sessions; \
+                    "cannot read {}: {text}{hint}; its {kept} known guest(s) keep their sessions; \
                      retrying at the next scan",
                     dir.display()
                 );

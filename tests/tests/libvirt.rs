@@ -181,6 +181,35 @@ impl Setup {
         );
     }
 
+    /// The premise of the group: the same bridge without libvirt-qemu's
+    /// group cannot even read libvirt's channel directory, and says why.
+    fn without_the_group_nothing_is_reachable(&self) {
+        let mut cmd = self.lv.enter(false);
+        cmd.arg("setpriv")
+            .arg(format!("--reuid={BRIDGE_UID}"))
+            .arg(format!("--regid={BRIDGE_UID}"))
+            .args(["--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"])
+            .arg(self.dir.join("bin/vios-host-bridge"))
+            .args(["--libvirt", "--service", "amqp=127.0.0.1:9,loopback=ok"])
+            .arg("--control")
+            .arg(self.dir.join("run/nogroup.sock"));
+        let p = Proc::spawn(
+            "host-bridge-without-group",
+            &mut cmd,
+            self.dir.join("nogroup.log"),
+        );
+        let warning = format!("cannot read {CHANNELS}: Permission denied");
+        p.wait_log(&warning, 1, Duration::from_secs(10));
+        let line = p
+            .log_text()
+            .lines()
+            .find(|l| l.contains(&warning))
+            .unwrap()
+            .to_owned();
+        eprintln!("libvirt: without the group libvirt-qemu: {line}");
+        assert!(line.contains("needs the directory's group"), "{line}");
+    }
+
     /// The bridge itself, not the nsenter/setpriv that exec'd it.
     fn bridge_pid(&self) -> u32 {
         let pid = self.bridge.pid();
@@ -375,6 +404,7 @@ fn domains_are_served_the_moment_they_start_by_an_unprivileged_host_bridge() {
     let started = Instant::now();
     let mut s = Setup::start();
     s.assert_unprivileged();
+    s.without_the_group_nothing_is_reachable();
 
     // A domain with two ports: both connected at once; AMQP through each.
     let mut a = s.create("vm-a");

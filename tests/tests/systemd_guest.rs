@@ -23,18 +23,21 @@ use vios_tests::{bin, Proc, TempDir};
 
 const UNIT0: &str = "vios-guest-bridge@org.qpid.vios.0.service";
 const UNIT1: &str = "vios-guest-bridge@org.qpid.vios.1.service";
+/// A port with no configuration of its own.
+const UNIT2: &str = "vios-guest-bridge@org.qpid.vios.2.service";
 /// The watchdog of the test's drop-in (the package ships 30 s).
 const WATCHDOG: &str = "6s";
 
 /// Port 0's listeners: AMQP and echo on TCP, echo on a unix socket; the
-/// hot-plugged port 1 has a listener of its own. The drop-in's WatchdogSec
+/// hot-plugged port 1 has listeners of its own (AMQP and echo); port 2 has
+/// none: the shipped defaults give the default listener to port 0 only. The drop-in's WatchdogSec
 /// is [`WATCHDOG`].
 const CONFIG: &str = r#"cat >/etc/default/vios-guest-bridge.org.qpid.vios.0 <<'EOF'
 VIOS_LISTEN="127.0.0.1:5672=amqp;127.0.0.1:7000=echo;unix:/run/vios/echo.sock=echo"
 VIOS_IDLE_TIMEOUT=3s
 EOF
 cat >/etc/default/vios-guest-bridge.org.qpid.vios.1 <<'EOF'
-VIOS_LISTEN="127.0.0.1:7100=echo"
+VIOS_LISTEN="127.0.0.1:5673=amqp;127.0.0.1:7100=echo"
 VIOS_IDLE_TIMEOUT=3s
 EOF
 mkdir -p /etc/systemd/system/vios-guest-bridge@.service.d
@@ -149,7 +152,7 @@ fn echo_as_client(vm: &mut SystemdVm, target: &str) -> String {
 }
 
 /// AMQP from the guest as vios-client; skipped (None) without a broker.
-fn amqp_as_client(vm: &mut SystemdVm) -> Option<String> {
+fn amqp_as_client(vm: &mut SystemdVm, addr: &str) -> Option<String> {
     if std::env::var_os("VIOS_TEST_AMQP_PORT").is_none() {
         assert!(
             std::env::var_os("VIOS_REQUIRE_BROKER").is_none(),
@@ -159,8 +162,10 @@ fn amqp_as_client(vm: &mut SystemdVm) -> Option<String> {
         return None;
     }
     let out = vm.ok(
-        "runuser -u vios-client -- vios-amqp-client --addr 127.0.0.1:5672 --connections 2 \
-         --messages 400 --size 1024 --timeout 120 </dev/null",
+        &format!(
+            "runuser -u vios-client -- vios-amqp-client --addr {addr} --connections 2 \
+             --messages 400 --size 1024 --timeout 120 </dev/null"
+        ),
         Duration::from_secs(150),
     );
     let json = json_line(&out, "\"verified\"");
@@ -174,7 +179,7 @@ fn traffic(vm: &mut SystemdVm, when: &str) {
     let unix = echo_as_client(vm, "unix:/run/vios/echo.sock");
     eprintln!("systemd guest: {when}: echo as vios-client over TCP {tcp}");
     eprintln!("systemd guest: {when}: echo as vios-client over unix {unix}");
-    if let Some(json) = amqp_as_client(vm) {
+    if let Some(json) = amqp_as_client(vm, "127.0.0.1:5672") {
         eprintln!("systemd guest: {when}: AMQP as vios-client over TCP {json}");
     }
 }
@@ -367,6 +372,9 @@ fn packaged_guest_bridge_under_systemd_and_udev() {
     assert_eq!(user1.trim(), "vios-bridge");
     let json = echo_as_client(&mut vm, "127.0.0.1:7100");
     eprintln!("systemd guest: echo as vios-client through the hot-plugged port: {json}");
+    if let Some(json) = amqp_as_client(&mut vm, "127.0.0.1:5673") {
+        eprintln!("systemd guest: AMQP as vios-client through the hot-plugged port: {json}");
+    }
     vm.remove_port(1);
     vm.wait_until(
         &format!("s=$(systemctl is-active {UNIT1}); [ \"$s\" = inactive ] || [ \"$s\" = failed ]"),
@@ -385,6 +393,34 @@ fn packaged_guest_bridge_under_systemd_and_udev() {
         !units.lines().any(|l| l.trim() == "org.qpid.vios.1"),
         "the port is gone: {units}"
     );
+    // A port nobody configured: with the shipped defaults its instance says
+    // why it has nothing to do and stops cleanly; systemd does not restart it.
+    vm.add_port(2);
+    vm.wait_until(
+        &format!("journalctl -b -q -o cat -u {UNIT2} | grep -q 'has no listeners'"),
+        Duration::from_secs(60),
+    );
+    vm.wait_until(
+        &format!("[ \"$(systemctl is-active {UNIT2})\" = inactive ]"),
+        Duration::from_secs(30),
+    );
+    // RestartSec is 2 s: a restart would have come by now.
+    std::thread::sleep(Duration::from_secs(3));
+    let state = vm.ok(
+        &format!(
+            "systemctl is-active {UNIT2} || true; \
+             systemctl show -p NRestarts -p Result -p ExecMainStatus {UNIT2}; \
+             journalctl -b -q -o cat -u {UNIT2} | grep 'has no listeners'"
+        ),
+        Duration::from_secs(20),
+    );
+    show("org.qpid.vios.2 plugged with no configuration of its own", &state);
+    assert!(state.starts_with("inactive\n"), "{state}");
+    for want in ["NRestarts=0", "Result=success", "ExecMainStatus=0"] {
+        assert!(state.contains(want), "{want}: {state}");
+    }
+    vm.remove_port(2);
+
     let pid0 = main_pid(&mut vm, UNIT0);
     assert_eq!(pid0, pid, "port 0's bridge was disturbed by the hot-plug");
 
