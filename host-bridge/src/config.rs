@@ -41,6 +41,10 @@ const AFTER_HELP: &str = "Examples:
 Status: `vios-host-bridge status [--json] [--guest NAME] [--streams]` asks the
 running daemon through its control socket (see `vios-host-bridge status --help`).
 
+systemd: `vios-host-bridge ip-allow [--config FILE] [OPTIONS]` prints a unit drop-in
+with IPAddressAllow= for every non-loopback address the configured services map to
+(the package's systemd generator installs it; the unit allows only loopback).
+
 Logging: RUST_LOG=info (default), debug or warn. One line per stream at open and
 close (guest, service, bytes each way, duration, reason). SIGUSR1 writes the
 status to the log.

@@ -11,6 +11,7 @@
 //! - [`shard`]: a loop thread: one event loop for many guests, each a group
 //!   of `vios_common::io::channel::Channel`s sharing the guest's budget.
 //! - [`services`]: connects a stream to the service it names.
+//! - [`unit`]: `vios-host-bridge ip-allow`, for the systemd unit's address filter.
 //!
 //! A byte from a guest's client travels: the guest bridge → QEMU → the
 //! channel's socket, read by the loop thread serving that guest
@@ -28,6 +29,7 @@ pub mod services;
 pub mod settings;
 pub mod shard;
 pub mod supervisor;
+pub mod unit;
 pub mod watch;
 
 use std::io;

@@ -240,6 +240,11 @@ fn packages_hold_the_daemon_its_man_page_units_and_conffiles() {
         "-rw-r--r--",
     );
     has(
+        &host,
+        "/lib/systemd/system-generators/vios-host-bridge-generator",
+        "-rwxr-xr-x",
+    );
+    has(
         &guest,
         "/lib/systemd/system/vios-guest-bridge@.service",
         "-rw-r--r--",
@@ -384,6 +389,9 @@ fn units_pass_systemd_analyze_verify_and_security_in_a_scratch_root() {
             "verify {unit}: {}\n{said}",
             verify.status
         );
+        if deb == &b.host {
+            generated_ip_allow_passes_verify(&root);
+        }
         // The premise: verify does look at the binary in the root.
         let exec = root.join(&format!("usr/sbin/{}", unit.split(['@', '.']).next().unwrap()));
         fs::remove_file(&exec).unwrap();
@@ -414,6 +422,72 @@ fn units_pass_systemd_analyze_verify_and_security_in_a_scratch_root() {
             "{unit}: exposure {exposure} > {MAX_EXPOSURE}:\n{security}"
         );
     }
+}
+
+/// The host package's generator, run on its binary and a configuration with
+/// services off loopback, writes an `IPAddressAllow=` drop-in with their
+/// addresses; the unit with that drop-in passes `systemd-analyze verify`.
+fn generated_ip_allow_passes_verify(root: &TempDir) {
+    let conf = root.join("etc/default/vios-host-bridge");
+    let shipped = fs::read_to_string(&conf).unwrap();
+    fs::write(
+        &conf,
+        shipped.replace(
+            "VIOS_SERVICES=\"amqp=127.0.0.1:5672\"",
+            "VIOS_SERVICES=\"amqp=198.18.0.1:5672,proxy=v2;mgmt=192.0.2.11:15672;local=127.0.0.1:9\"",
+        ),
+    )
+    .unwrap();
+    assert_ne!(
+        fs::read_to_string(&conf).unwrap(),
+        shipped,
+        "the premise: services changed"
+    );
+    let out = root.join("run/systemd/generator");
+    run(
+        Command::new(root.join("lib/systemd/system-generators/vios-host-bridge-generator"))
+            .arg(&out)
+            .arg(root.join("run/systemd/generator.early"))
+            .arg(root.join("run/systemd/generator.late"))
+            .env("VIOS_HOST_BRIDGE", root.join("usr/sbin/vios-host-bridge"))
+            .env("VIOS_HOST_DEFAULTS", &conf),
+    );
+    let dropin = fs::read_to_string(out.join("vios-host-bridge.service.d/50-ip-allow.conf")).unwrap();
+    eprintln!("generated drop-in:\n{dropin}");
+    assert!(
+        dropin.ends_with("[Service]\nIPAddressAllow=192.0.2.11 198.18.0.1\n"),
+        "{dropin}"
+    );
+    // As systemd would load it (the generator directory is not searched
+    // under --root): a drop-in beside the unit.
+    let d = root.join("etc/systemd/system/vios-host-bridge.service.d");
+    fs::create_dir_all(&d).unwrap();
+    fs::write(d.join("50-ip-allow.conf"), &dropin).unwrap();
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(format!("--root={}", root.path().display()))
+        .arg("vios-host-bridge.service")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success() && said.trim().is_empty(), "{said}");
+    // A configuration error leaves the unit as shipped (systemd empties the
+    // generator directory before each run): no drop-in, and no failure.
+    fs::write(&conf, "VIOS_SERVICES=\"amqp=no-such-host.invalid:5672\"\n").unwrap();
+    let fresh = root.join("run/systemd/generator.2");
+    run(
+        Command::new(root.join("lib/systemd/system-generators/vios-host-bridge-generator"))
+            .arg(&fresh)
+            .env("VIOS_HOST_BRIDGE", root.join("usr/sbin/vios-host-bridge"))
+            .env("VIOS_HOST_DEFAULTS", &conf),
+    );
+    let left: Vec<_> = fs::read_dir(fresh.join("vios-host-bridge.service.d"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    fs::remove_dir_all(&d).unwrap();
 }
 
 /// Long options (`--name`) a text names.
