@@ -73,6 +73,30 @@ impl Notifier {
             }
         }
     }
+
+    /// Sends `state`, then waits up to `timeout` until systemd has read it
+    /// (`sd_notify_barrier(3)`: a `BARRIER=1` message carrying the write end
+    /// of a pipe, which systemd closes once it has handled everything sent
+    /// before). For a process about to exit: systemd may otherwise see the
+    /// exit first and drop the message (a `Type=notify` unit whose process
+    /// exits before `READY=1` counts as failed).
+    pub fn notify_and_wait(&self, state: &str, timeout: Duration) {
+        self.notify(state);
+        let Some((_, addr)) = &self.socket else { return };
+        let barrier = || -> io::Result<bool> {
+            let (read, write) = crate::sys::pipe()?;
+            let conn = UnixDatagram::unbound()?;
+            conn.connect_addr(addr)?;
+            crate::sys::send_with_fd(&conn, b"BARRIER=1", &write)?;
+            drop(write);
+            crate::sys::wait_hangup(&read, timeout)
+        };
+        match barrier() {
+            Ok(true) => {}
+            Ok(false) => log::debug!("sd_notify barrier: systemd did not answer within {timeout:?}"),
+            Err(e) => log::debug!("sd_notify barrier: {e}"),
+        }
+    }
 }
 
 /// How often `STATUS=` is refreshed when there is no watchdog.
@@ -190,6 +214,41 @@ pub fn priority_prefix(level: log::Level) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notify_and_wait_returns_once_systemd_has_read_the_barrier() {
+        let dir = std::env::temp_dir().join(format!("vios-barrier-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify.sock");
+        let systemd = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier::new(path.to_str(), None, None, 1).unwrap();
+        // Nobody reads: the barrier times out (the pipe's write end sits in
+        // the socket's queue).
+        let t = Instant::now();
+        n.notify_and_wait("STATUS=waiting", Duration::from_millis(200));
+        assert!(t.elapsed() >= Duration::from_millis(200), "{:?}", t.elapsed());
+        let mut buf = [0u8; 64];
+        for want in [&b"STATUS=waiting"[..], b"BARRIER=1"] {
+            let k = systemd.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..k], want);
+        }
+        // systemd reads (and so closes the descriptor it got): at once.
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                let mut buf = [0u8; 64];
+                let k = systemd.recv(&mut buf).unwrap();
+                got.push(String::from_utf8_lossy(&buf[..k]).into_owned());
+            }
+            got
+        });
+        let t = Instant::now();
+        n.notify_and_wait("READY=1\nSTOPPING=1", Duration::from_secs(10));
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert_eq!(reader.join().unwrap(), ["READY=1\nSTOPPING=1", "BARRIER=1"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn notifications_arrive_as_one_datagram_each() {

@@ -59,6 +59,14 @@ pub fn run(cli: Cli) -> io::Result<()> {
             config::FIRST_PORT,
             cli.channel.name()
         );
+        // Under a Type=notify unit an exit before READY=1 is a failure
+        // ("protocol") that Restart= acts on: say ready (alone: in one
+        // message with STOPPING=1, systemd takes only the latter), wait until
+        // systemd has read it, then end cleanly.
+        vios_common::systemd::Notifier::from_env().notify_and_wait(
+            "READY=1\nSTATUS=no listeners on this port: nothing to do",
+            std::time::Duration::from_secs(5),
+        );
         return Ok(());
     };
     let mut listeners = Vec::new();

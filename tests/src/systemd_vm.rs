@@ -27,6 +27,9 @@ pub struct Image {
     pub root: PathBuf,
     /// The guest package's file name in the guest's `/root/vios/`.
     pub deb: String,
+    /// The host package's file name beside it (images built with
+    /// `--deb` alone have none).
+    pub host_deb: Option<String>,
     /// `image-info`: kernel, package, cache key, build time.
     pub info: String,
 }
@@ -53,6 +56,11 @@ pub fn image() -> Result<Image, String> {
         .find_map(|l| l.strip_prefix("guest_package="))
         .ok_or_else(|| why("image-info names no guest_package"))?
         .to_owned();
+    let host_deb = info
+        .lines()
+        .find_map(|l| l.strip_prefix("host_package="))
+        .filter(|d| !d.is_empty())
+        .map(str::to_owned);
     // The uncompressed kernel with a PVH entry boots seconds faster.
     let kernel = if dir.join("vmlinux").exists() {
         dir.join("vmlinux")
@@ -64,6 +72,7 @@ pub fn image() -> Result<Image, String> {
         initrd: dir.join("initrd.img"),
         root: dir.join("root.raw"),
         deb,
+        host_deb,
         info,
     })
 }

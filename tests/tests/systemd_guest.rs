@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vios_tests::servers::{Mode, Server};
-use vios_tests::systemd_vm::{image_or_skip, SystemdVm};
+use vios_tests::systemd_vm::{image_or_skip, Image, SystemdVm};
 use vios_tests::vm::{json_line, json_num};
 use vios_tests::{bin, Proc, TempDir};
 
@@ -480,8 +480,128 @@ fn packaged_guest_bridge_under_systemd_and_udev() {
     assert!(evidence.contains("Watchdog timeout"), "{evidence}");
     traffic(&mut vm, "after the watchdog");
 
+    host_unit_under_systemd(&mut vm, &image);
+
     eprintln!(
         "systemd guest: the whole test took {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+const HOST_UNIT: &str = "vios-host-bridge.service";
+
+/// The host package under the same booted systemd (this machine cannot boot
+/// one of its own): installed with `dpkg -i`, the unit is started by the
+/// maintainer script and becomes active only once the daemon says READY=1;
+/// it runs as vios-bridge without capabilities, reports STATUS=, answers
+/// `status` and `systemctl reload`; the generator turns the configured
+/// services into the unit's IPAddressAllow=; a configuration error stops it
+/// with status 2 and no restarts.
+fn host_unit_under_systemd(vm: &mut SystemdVm, image: &Image) {
+    let Some(deb) = &image.host_deb else {
+        assert!(
+            std::env::var_os("VIOS_REQUIRE_VM").is_none(),
+            "the systemd image has no host package (built with --deb alone)"
+        );
+        eprintln!("SKIP (host unit): the systemd image has no host package");
+        return;
+    };
+    let install = vm.ok(
+        &format!(
+            "(DEBIAN_FRONTEND=noninteractive dpkg -i /root/vios/{deb} </dev/null >/tmp/dpkg-host.log 2>&1; rc=$?; \
+             tr '\\r' '\\n' </tmp/dpkg-host.log | grep -v '^(Reading database'; exit $rc)"
+        ),
+        Duration::from_secs(180),
+    );
+    show("dpkg -i (host package)", &install);
+    let pid = wait_active(vm, HOST_UNIT, 0, Duration::from_secs(60));
+    let how = vm.ok(
+        &format!(
+            "systemctl show -p Type -p User -p NRestarts -p StatusText -p IPAddressDeny -p IPAddressAllow {HOST_UNIT}; \
+             ps -o user:20=,group:20= -p {pid}; grep -E '^(CapEff|Groups):' /proc/{pid}/status; \
+             vios-host-bridge status; echo \"status exit $?\""
+        ),
+        Duration::from_secs(20),
+    );
+    show("host unit as installed", &how);
+    for want in [
+        "Type=notify",
+        "User=vios-bridge",
+        "NRestarts=0",
+        "StatusText=",
+        "CapEff:\t0000000000000000",
+        "vios-host-bridge 0.1.0, up",
+        "status exit 0",
+    ] {
+        assert!(how.contains(want), "{want}: {how}");
+    }
+    assert!(
+        how.lines()
+            .any(|l| l.starts_with("vios-bridge") && l.trim_end().ends_with("vios-bridge")),
+        "{how}"
+    );
+    // systemctl show's line: the last one (a drop-in printed before it has
+    // one too).
+    let allow = |how: &str| {
+        how.lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("IPAddressAllow="))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        how.lines()
+            .any(|l| l.starts_with("IPAddressDeny=") && l.contains("0.0.0.0/0")),
+        "{how}"
+    );
+    assert!(
+        !allow(&how).contains("198.18.0.1"),
+        "loopback only as shipped: {how}"
+    );
+
+    // Services off loopback: daemon-reload runs the generator; the restarted
+    // unit carries their addresses in its kernel filter.
+    let t = Instant::now();
+    let how = vm.ok(
+        &format!(
+            "sed -i 's|^VIOS_SERVICES=.*|VIOS_SERVICES=\"amqp=198.18.0.1:5672,proxy=v2;mgmt=192.0.2.11:15672\"|' \
+             /etc/default/vios-host-bridge && systemctl daemon-reload && systemctl restart {HOST_UNIT} && \
+             cat /run/systemd/generator/vios-host-bridge.service.d/50-ip-allow.conf && \
+             systemctl show -p IPAddressAllow -p ActiveState {HOST_UNIT} && \
+             systemctl reload {HOST_UNIT} && sleep 1 && journalctl -q -o cat -u {HOST_UNIT} -n 40 | grep -E 'SIGHUP|reload'"
+        ),
+        Duration::from_secs(60),
+    );
+    show(
+        &format!(
+            "generated IPAddressAllow, restart, reload ({:.1} s)",
+            t.elapsed().as_secs_f64()
+        ),
+        &how,
+    );
+    let allowed = allow(&how);
+    assert!(
+        allowed.contains("198.18.0.1") && allowed.contains("192.0.2.11") && allowed.contains("127.0.0.0/8"),
+        "{how}"
+    );
+    assert!(how.contains("ActiveState=active"), "{how}");
+
+    // A configuration error: exit status 2, and systemd does not restart it.
+    let how = vm.ok(
+        &format!(
+            "echo 'VIOS_NO_SUCH_OPTION=1' >>/etc/default/vios-host-bridge; systemctl restart {HOST_UNIT}; \
+             sleep 3; systemctl show -p ActiveState -p Result -p ExecMainStatus -p NRestarts {HOST_UNIT}; \
+             journalctl -q -o cat -u {HOST_UNIT} -n 20 | grep -i VIOS_NO_SUCH_OPTION"
+        ),
+        Duration::from_secs(60),
+    );
+    show("a configuration error", &how);
+    for want in [
+        "ActiveState=failed",
+        "Result=exit-code",
+        "ExecMainStatus=2",
+        "NRestarts=0",
+    ] {
+        assert!(how.contains(want), "{want}: {how}");
+    }
 }
