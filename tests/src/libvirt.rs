@@ -47,7 +47,10 @@ for d in /var/lib/libvirt /var/log/libvirt /var/cache/libvirt; do
     done
     mount --bind "$s/state$d" "$d"
 done
-mount -t tmpfs -o mode=0755 tmpfs /etc/libvirt/qemu/networks/autostart
+autostart=/etc/libvirt/qemu/networks/autostart
+if [ -d "$autostart" ]; then
+    mount -t tmpfs -o mode=0755 tmpfs "$autostart"
+fi
 touch "$s/ready"
 exec sleep infinity
 "#;
