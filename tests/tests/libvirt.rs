@@ -11,7 +11,8 @@
 //! directory (the rescan is a minute apart, so a missed inotify event
 //! fails); AMQP messages verified from inside the guests through both ports;
 //! `virsh reset`, `virsh destroy`, a second domain whose name libvirt cuts,
-//! and a re-created first domain.
+//! a third whose cut name is the same (two guests, nothing mixed), and a
+//! re-created first domain.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -39,9 +40,11 @@ fn gid_of(group: &str) -> u32 {
         .unwrap_or_else(|| panic!("no group {group} (libvirt-daemon-system creates it)"))
 }
 
-/// One domain's channels as the host bridge's status shows them:
-/// (channel, link, session), or `None` when the guest is not served.
-fn channels(control: &Path, guest: &str) -> Option<Vec<(String, String, String)>> {
+/// The channels of every guest named `guest` as the host bridge's status
+/// shows them, (channel, link, session) each: one entry per domain
+/// directory (two domains whose names libvirt cuts alike are two guests of
+/// the same name).
+fn guests(control: &Path, guest: &str) -> Vec<Vec<(String, String, String)>> {
     let q = StatusQuery {
         json: true,
         streams: false,
@@ -53,9 +56,10 @@ fn channels(control: &Path, guest: &str) -> Option<Vec<(String, String, String)>
         let at = s.find(&key).unwrap_or_else(|| panic!("no {name} in {s}")) + key.len();
         s[at..][..s[at..].find('"').unwrap()].to_owned()
     };
-    json.split("{\"name\":\"").skip(1).find_map(|g| {
-        let name = &g[..g.find('"').unwrap()];
-        (name == guest).then(|| {
+    json.split("{\"name\":\"")
+        .skip(1)
+        .filter(|g| g[..g.find('"').unwrap()] == *guest)
+        .map(|g| {
             g.split("{\"channel\":\"")
                 .skip(1)
                 .map(|c| {
@@ -64,7 +68,7 @@ fn channels(control: &Path, guest: &str) -> Option<Vec<(String, String, String)>
                 })
                 .collect()
         })
-    })
+        .collect()
 }
 
 /// Polls every millisecond until `cond` holds; returns when it first did.
@@ -242,6 +246,7 @@ impl Setup {
 
         let channels_dir = self.lv.path(CHANNELS);
         let before: Vec<PathBuf> = dirs_of(&channels_dir, &short);
+        let served_before = guests(&self.control, &short).len();
         let t = Instant::now();
         let virsh = self.lv.virsh_spawn(&["create", &file.to_string_lossy()]);
         // The sockets appear while virsh runs (QEMU creates them at start).
@@ -276,8 +281,10 @@ impl Setup {
             &format!("{name}: both channels connected"),
             Duration::from_secs(60),
             || {
-                channels(&self.control, &short)
-                    .is_some_and(|c| c.len() == 2 && c.iter().all(|(_, link, _)| link == "connected"))
+                let g = guests(&self.control, &short);
+                g.len() == served_before + 1
+                    && g.iter()
+                        .all(|c| c.len() == 2 && c.iter().all(|(_, link, _)| link == "connected"))
             },
         );
         wait_virsh(virsh, &format!("create {name}"));
@@ -306,15 +313,17 @@ impl Setup {
         }
     }
 
-    /// Both channels' sessions established.
+    /// `ports` sessions established (on every guest of the domain's name).
     fn wait_sessions(&self, d: &Domain, ports: usize, timeout: Duration) {
         poll_until(&format!("{}: {ports} session(s)", d.name), timeout, || {
-            channels(&self.control, &d.short).is_some_and(|c| {
-                c.iter()
-                    .filter(|(_, _, session)| session == "established")
-                    .count()
-                    >= ports
-            })
+            let g = guests(&self.control, &d.short);
+            !g.is_empty()
+                && g.iter().all(|c| {
+                    c.iter()
+                        .filter(|(_, _, session)| session == "established")
+                        .count()
+                        >= ports
+                })
         });
     }
 
@@ -322,6 +331,7 @@ impl Setup {
     /// domain's directory the bridge stopped serving it.
     fn destroy(&mut self, d: Domain) {
         let dir = d.vm.guest_dir.clone();
+        let served_before = guests(&self.control, &d.short).len();
         drop(d.vm);
         let virsh = self.lv.virsh_spawn(&["destroy", &d.name]);
         let removed = poll_until(
@@ -330,7 +340,7 @@ impl Setup {
             || !dir.exists(),
         );
         let stopped = poll_until(&format!("{}: let go", d.name), Duration::from_secs(30), || {
-            channels(&self.control, &d.short).is_none()
+            guests(&self.control, &d.short).len() == served_before - 1
         });
         wait_virsh(virsh, &format!("destroy {}", d.name));
         let ms = millis(stopped - removed);
@@ -432,6 +442,19 @@ fn domains_are_served_the_moment_they_start_by_an_unprivileged_host_bridge() {
     assert_eq!(b.short, "vios-test-domain-wit");
     s.wait_sessions(&b, 1, Duration::from_secs(60));
     s.amqp(&mut b, 5672, 200);
+
+    // A third domain whose name libvirt cuts to the same 20 characters, while
+    // the second runs: a guest of its own (its own directory and channels),
+    // both carrying traffic, nothing mixed.
+    let mut c = s.create("vios-test-domain-with-another-name");
+    assert_eq!(c.short, b.short);
+    s.wait_sessions(&c, 1, Duration::from_secs(60));
+    assert_ne!(c.vm.guest_dir, b.vm.guest_dir);
+    assert_eq!(guests(&s.control, &c.short).len(), 2, "two guests of one name");
+    s.amqp(&mut c, 5672, 200);
+    s.amqp(&mut b, 5672, 200);
+    s.destroy(c);
+    s.amqp(&mut b, 5672, 100);
 
     // Destroy the first, then create it again: a new id, a new directory.
     s.destroy(a);
