@@ -42,8 +42,38 @@ pub fn main<C>(
         Ok(()) => std::process::exit(0),
         Err(e) => {
             log::error!("{e}");
-            std::process::exit(EXIT_FAILED);
+            std::process::exit(exit_status(&e));
         }
+    }
+}
+
+/// What the operator configured cannot work, found only while starting (a
+/// `--control` path that cannot be bound): the daemon ends with
+/// [`EXIT_CONFIG`] as for a bad command line, so that its unit does not
+/// restart it into the same failure.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// An [`io::Error`] carrying a [`ConfigError`].
+pub fn config_error(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, ConfigError(message))
+}
+
+/// The exit status a failed run earns: [`EXIT_CONFIG`] for a
+/// [`ConfigError`], [`EXIT_FAILED`] for anything else.
+pub fn exit_status(e: &io::Error) -> i32 {
+    if e.get_ref().is_some_and(|inner| inner.is::<ConfigError>()) {
+        EXIT_CONFIG
+    } else {
+        EXIT_FAILED
     }
 }
 
@@ -138,11 +168,11 @@ pub fn start_control(
             let _ = std::fs::create_dir_all(dir);
         }
         if let Err(e) = server.bind_control(path, registry) {
-            let e = io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()));
+            let message = format!("control socket {}: {e}", path.display());
             if explicit {
-                return Err(e);
+                return Err(config_error(message));
             }
-            log::warn!("{e}; running without a control socket (give --control to choose one)");
+            log::warn!("{message}; running without a control socket (give --control to choose one)");
         }
     }
     if let Some(addr) = metrics {
@@ -151,4 +181,21 @@ pub fn start_control(
             .map_err(|e| io::Error::new(e.kind(), format!("metrics on {addr}: {e}")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_configuration_error_exits_with_the_configuration_status() {
+        assert_eq!(
+            exit_status(&config_error("control socket /x: EACCES".into())),
+            EXIT_CONFIG
+        );
+        assert_eq!(exit_status(&io::Error::other("poll failed")), EXIT_FAILED);
+        // The kind alone says nothing.
+        let plain = io::Error::new(io::ErrorKind::InvalidInput, "bad frame");
+        assert_eq!(exit_status(&plain), EXIT_FAILED);
+    }
 }

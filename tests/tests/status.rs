@@ -305,3 +305,48 @@ fn a_broker_connection_maps_to_its_guest_stream() {
     drop(client.stdin.take());
     let _ = client.wait();
 }
+
+/// A `--control` given explicitly that cannot be bound is a configuration
+/// error: exit status 2 (which the units do not restart on), for both
+/// daemons; the default path failing only costs the control socket.
+#[test]
+fn an_explicit_control_socket_that_cannot_be_bound_exits_with_status_2() {
+    // A path below a regular file: no directory can be made there.
+    let dir = TempDir::new("control-bad");
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let control = file.join("ctl.sock");
+    for (daemon, args) in [
+        (
+            "vios-host-bridge",
+            vec![
+                "--guest",
+                "vm1=/nonexistent/vios.sock",
+                "--service",
+                "x=127.0.0.1:9",
+            ],
+        ),
+        (
+            "vios-guest-bridge",
+            vec![
+                "--channel",
+                "unix:/nonexistent/vios.sock",
+                "--listen",
+                "127.0.0.1:0=x",
+            ],
+        ),
+    ] {
+        let out = Command::new(bin(daemon))
+            .args(&args)
+            .arg("--control")
+            .arg(&control)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{daemon}: {stderr}");
+        assert!(
+            stderr.contains(&format!("control socket {}", control.display())),
+            "{daemon}: {stderr}"
+        );
+    }
+}
