@@ -262,9 +262,11 @@ pub fn may_write(path: &std::path::Path) -> io::Result<bool> {
     if unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::W_OK, libc::AT_EACCESS) } == 0 {
         return Ok(true);
     }
+    // Only EACCES is a "no". Anything else (EPERM from a seccomp filter
+    // that does not know faccessat2, say) is an error for the caller.
     let e = io::Error::last_os_error();
     match e.raw_os_error() {
-        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => Ok(false),
+        Some(libc::EACCES) => Ok(false),
         _ => Err(e),
     }
 }
@@ -326,7 +328,8 @@ pub fn wait_hangup(read: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
             events: 0,
             revents: 0,
         };
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // Rounded up: no busy loop over the last partial millisecond.
+        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd, for the length given.
         let n = unsafe { libc::poll(&mut p, 1, ms) };
         if n < 0 {

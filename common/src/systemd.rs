@@ -86,6 +86,7 @@ impl Notifier {
         let barrier = || -> io::Result<bool> {
             let (read, write) = crate::sys::pipe()?;
             let conn = UnixDatagram::unbound()?;
+            conn.set_write_timeout(Some(timeout))?;
             conn.connect_addr(addr)?;
             crate::sys::send_with_fd(&conn, b"BARRIER=1", &write)?;
             drop(write);

@@ -2,8 +2,9 @@
 //!
 //! Two layouts, both `DIR/<guest directory>/<channel socket>`:
 //! - vios-proxy's: `DIR/<guest>/<socket>`; the guest is the directory name;
-//! - libvirt's: `/run/libvirt/qemu/channel/<id>-<name>/<port>` and, in older
-//!   libvirt, `/var/lib/libvirt/qemu/channel/target/domain-<id>-<name>/<port>`;
+//! - libvirt's: `/var/lib/libvirt/qemu/channel/target/domain-<id>-<name>/<port>`
+//!   (Debian 12, Ubuntu, RHEL-family hosts) and
+//!   `/run/libvirt/qemu/channel/<id>-<name>/<port>` (other versions);
 //!   the guest is `<name>` (the `<id>` changes at every start).
 //!
 //! A guest directory may hold other channels (libvirt puts the QEMU guest
@@ -27,7 +28,9 @@ use std::path::{Path, PathBuf};
 use vios_common::io::link::SocketId;
 use vios_common::sys;
 
-/// libvirt's channel directories, newer then older.
+/// libvirt's channel directories: the layout some libvirt versions and
+/// session libvirt use, and the one of Debian 12, Ubuntu and RHEL-family
+/// hosts (libvirt 9).
 pub const LIBVIRT_DIRS: [&str; 2] = [
     "/run/libvirt/qemu/channel",
     "/var/lib/libvirt/qemu/channel/target",
@@ -71,10 +74,12 @@ pub struct Scan {
 
 impl Scan {
     /// Whether the scan shows that `guest_dir` (a guest found earlier) has
-    /// gone: its parent was read completely and it was not found there, and
-    /// it was not itself unreadable.
+    /// gone: its parent was read completely and it was not found there, it
+    /// was not itself unreadable, and it holds no channel socket barred to
+    /// this process (a socket whose owner or mode changed is still there).
     pub fn is_gone(&self, guest_dir: &Path) -> bool {
         !self.found.contains_key(guest_dir)
+            && !self.barred.iter().any(|(p, _)| p.parent() == Some(guest_dir))
             && guest_dir.parent().is_some_and(|p| self.complete.contains(p))
             && !self.failed.iter().any(|(d, _)| d == guest_dir)
     }
@@ -155,11 +160,12 @@ fn list(dir: &Path) -> io::Result<Vec<(OsString, Kind)>> {
             Kind::Dir
         } else if t.is_socket() {
             let path = entry.path();
-            // Gone or replaced since the listing: not a channel now.
+            // Gone or replaced since the listing: not a channel now. When
+            // access cannot be judged, connecting says what is wrong.
             match (SocketId::of(&path), sys::may_write(&path)) {
-                (Ok(id), Ok(true)) => Kind::Socket(id),
                 (Ok(id), Ok(false)) => Kind::Barred(id),
-                _ => Kind::Other,
+                (Ok(id), _) => Kind::Socket(id),
+                (Err(_), _) => Kind::Other,
             }
         } else {
             Kind::Other
@@ -378,6 +384,10 @@ mod tests {
         let dirs = [root.clone()];
         let s = scan_with(&dirs, "org.qpid.vios.*", &list);
         assert!(s.found.is_empty(), "{s:?}");
+        assert!(
+            !s.is_gone(&root.join("domain-1-vm1")),
+            "a barred socket is still there"
+        );
         assert_eq!(s.barred, vec![(root.join("domain-1-vm1/org.qpid.vios.0"), id)]);
         assert_eq!(s.guest_dirs, vec![root.join("domain-1-vm1")], "watched meanwhile");
         handed_over.set(true);

@@ -230,6 +230,17 @@ impl Supervisor {
         }
         for (dir, f) in &scan.found {
             let origin = Origin::Dir(dir.clone());
+            let mut f = f.clone();
+            if let Some(g) = self.guests.get(&origin) {
+                // A channel whose socket is now barred to us (its owner or
+                // mode changed) keeps its connection: the kernel does.
+                for known in &g.sockets {
+                    if scan.barred.iter().any(|(p, _)| *p == known.path) {
+                        f.sockets.push(known.clone());
+                    }
+                }
+                f.sockets.sort();
+            }
             match self.guests.get_mut(&origin) {
                 Some(g) if g.sockets != f.sockets => {
                     let paths: Vec<_> = f.sockets.iter().map(|c| c.path.display().to_string()).collect();

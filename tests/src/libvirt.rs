@@ -162,9 +162,11 @@ impl Libvirt {
         PathBuf::from(format!("/proc/{}/root{inside}", self.holder.pid()))
     }
 
+    /// virsh, given 60 s (a libvirtd that hangs fails the test, not hangs it).
     fn virsh_command(&self, args: &[&str]) -> Command {
         let mut cmd = self.enter(false);
-        cmd.args(["virsh", "-q", "-c", "qemu:///system"]).args(args);
+        cmd.args(["timeout", "60", "virsh", "-q", "-c", "qemu:///system"])
+            .args(args);
         cmd
     }
 
@@ -237,6 +239,20 @@ impl Drop for Libvirt {
         for d in [self.libvirtd.take(), self.virtlogd.take()].into_iter().flatten() {
             let mut d = d;
             d.terminate(Duration::from_secs(10));
+        }
+        // Whatever is left in the namespace (a QEMU that virsh could not
+        // destroy) goes with it.
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+        let ours = ns(&self.holder.pid().to_string());
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            if pid.bytes().all(|b| b.is_ascii_digit())
+                && pid != self.holder.pid().to_string()
+                && ours.is_some()
+                && ns(&pid) == ours
+            {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
         }
         self.holder.terminate(Duration::from_secs(5));
     }

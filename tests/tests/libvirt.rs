@@ -332,6 +332,7 @@ impl Setup {
     fn destroy(&mut self, d: Domain) {
         let dir = d.vm.guest_dir.clone();
         let served_before = guests(&self.control, &d.short).len();
+        assert!(served_before > 0, "{} is not served", d.name);
         drop(d.vm);
         let virsh = self.lv.virsh_spawn(&["destroy", &d.name]);
         let removed = poll_until(

@@ -473,7 +473,7 @@ fn generated_ip_allow_passes_verify(root: &TempDir) {
     assert!(verify.status.success() && said.trim().is_empty(), "{said}");
     // A configuration error leaves the unit as shipped (systemd empties the
     // generator directory before each run): no drop-in, and no failure.
-    fs::write(&conf, "VIOS_SERVICES=\"amqp=no-such-host.invalid:5672\"\n").unwrap();
+    fs::write(&conf, "VIOS_SERVICES=\"amqp=no-port-given\"\n").unwrap();
     let fresh = root.join("run/systemd/generator.2");
     run(
         Command::new(root.join("lib/systemd/system-generators/vios-host-bridge-generator"))

@@ -530,7 +530,7 @@ fn host_unit_under_systemd(vm: &mut SystemdVm, image: &Image) {
         "NRestarts=0",
         "StatusText=",
         "CapEff:\t0000000000000000",
-        "vios-host-bridge 0.1.0, up",
+        &format!("vios-host-bridge {}, up", env!("CARGO_PKG_VERSION")),
         "status exit 0",
     ] {
         assert!(how.contains(want), "{want}: {how}");
@@ -568,7 +568,9 @@ fn host_unit_under_systemd(vm: &mut SystemdVm, image: &Image) {
              /etc/default/vios-host-bridge && systemctl daemon-reload && systemctl restart {HOST_UNIT} && \
              cat /run/systemd/generator/vios-host-bridge.service.d/50-ip-allow.conf && \
              systemctl show -p IPAddressAllow -p ActiveState {HOST_UNIT} && \
-             systemctl reload {HOST_UNIT} && sleep 1 && journalctl -q -o cat -u {HOST_UNIT} -n 40 | grep -E 'SIGHUP|reload'"
+             systemctl reload {HOST_UNIT} && \
+             for i in $(seq 50); do journalctl -q -o cat -u {HOST_UNIT} | grep -q 'SIGHUP: rescanning' && break; sleep 0.2; done; \
+             journalctl -q -o cat -u {HOST_UNIT} | grep -E 'SIGHUP: rescanning|configuration reloaded|reload refused'"
         ),
         Duration::from_secs(60),
     );
@@ -585,6 +587,11 @@ fn host_unit_under_systemd(vm: &mut SystemdVm, image: &Image) {
         "{how}"
     );
     assert!(how.contains("ActiveState=active"), "{how}");
+    assert!(
+        how.contains("configuration reloaded") && how.contains("SIGHUP: rescanning"),
+        "{how}"
+    );
+    assert!(!how.contains("reload refused"), "{how}");
 
     // A configuration error: exit status 2, and systemd does not restart it.
     let how = vm.ok(

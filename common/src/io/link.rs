@@ -86,8 +86,17 @@ impl SocketId {
     /// The socket at `path` itself (a symlink there is an error, not
     /// followed).
     pub fn of(path: &Path) -> io::Result<SocketId> {
+        SocketId::from_metadata(&fs::symlink_metadata(path)?, path)
+    }
+
+    /// The socket `file` is (opened with `O_PATH | O_NOFOLLOW`: a symlink
+    /// there is the symlink itself, an error); `path` is for messages.
+    pub fn of_open(file: &File, path: &Path) -> io::Result<SocketId> {
+        SocketId::from_metadata(&file.metadata()?, path)
+    }
+
+    fn from_metadata(m: &fs::Metadata, path: &Path) -> io::Result<SocketId> {
         use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let m = fs::symlink_metadata(path)?;
         if !m.file_type().is_socket() {
             let what = if m.file_type().is_symlink() {
                 "a symlink"
@@ -339,8 +348,16 @@ impl Link {
     fn open_counted(&self, registry: &Registry) -> io::Result<Io> {
         match &self.spec {
             ChannelSpec::Unix(path) => {
-                // Never through a symlink; with an identity, only to it.
-                let id = SocketId::of(path)?;
+                // Never through a symlink; with an identity, only to it. The
+                // checks and the connect concern one file: opened without
+                // following a symlink (O_PATH), checked by fstat, connected
+                // to through /proc/self/fd, so a path swapped meanwhile (for
+                // a symlink to some other socket) is never followed.
+                let file = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+                    .open(path)?;
+                let id = SocketId::of_open(&file, path)?;
                 if let Some(want) = self.expected {
                     if id != want {
                         return Err(io::Error::other(format!(
@@ -354,16 +371,15 @@ impl Link {
                         )));
                     }
                 }
-                let mut s = UnixStream::connect(path)?;
+                let mut s = UnixStream::connect(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+                drop(file);
                 // A unix connect completes at once or fails; make sure it did.
                 if let Some(e) = s.take_error()? {
                     return Err(e);
                 }
-                // The process listening there runs as the socket's owner (or
-                // as root, who is trusted anyway: libvirt creates and listens
-                // on each channel socket as root, then hands it to QEMU's
-                // user): a path swapped between the check and the connect is
-                // caught.
+                // The process listening there runs as the socket's owner, or
+                // as root (libvirt creates and listens on each channel socket
+                // as root, then hands it to QEMU's user, which listens again).
                 if let Ok(peer) = crate::sys::unix_peer_uid(&s) {
                     if peer != id.uid && peer != 0 {
                         return Err(io::Error::other(format!(
@@ -597,11 +613,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let mut l = Link::new(ChannelSpec::Unix(path), Token(0), now).expecting(id2);
+        let mut l = Link::new(ChannelSpec::Unix(path.clone()), Token(0), now).expecting(id2);
         assert_eq!(
             l.handle_timeout(now, poll.registry(), &mut s),
             Some(LinkNews::Connected)
         );
+        // The path swapped for a symlink to that very socket: not followed,
+        // even without an expected identity.
+        let moved = dir.join("moved.sock");
+        fs::rename(&path, &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, &path).unwrap();
+        let mut l = Link::new(ChannelSpec::Unix(path), Token(0), now);
+        match l.handle_timeout(now, poll.registry(), &mut s) {
+            Some(LinkNews::Failed { error, .. }) => assert!(error.contains("a symlink"), "{error}"),
+            other => panic!("{other:?}"),
+        }
         fs::remove_dir_all(&dir).unwrap();
     }
 
