@@ -237,12 +237,17 @@ pub fn inotify_init() -> io::Result<std::fs::File> {
     Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
+/// `path` as a C string for a system call.
+fn c_path(path: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))
+}
+
 /// Watches `path` for `mask` (libc's `IN_*` bits); the same path again
 /// returns the same watch.
 pub fn inotify_add_watch(inotify: &std::fs::File, path: &std::path::Path, mask: u32) -> io::Result<i32> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    let c = c_path(path)?;
     // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
     let wd = unsafe { libc::inotify_add_watch(inotify.as_raw_fd(), c.as_ptr(), mask) };
     if wd < 0 {
@@ -255,9 +260,7 @@ pub fn inotify_add_watch(inotify: &std::fs::File, path: &std::path::Path, mask: 
 /// it), judged by its effective user and groups as the kernel will judge the
 /// connect; a symlink is followed.
 pub fn may_write(path: &std::path::Path) -> io::Result<bool> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    let c = c_path(path)?;
     // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
     if unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::W_OK, libc::AT_EACCESS) } == 0 {
         return Ok(true);

@@ -216,14 +216,21 @@ pub fn priority_prefix(level: log::Level) -> &'static str {
 mod tests {
     use super::*;
 
-    #[test]
-    fn notify_and_wait_returns_once_systemd_has_read_the_barrier() {
-        let dir = std::env::temp_dir().join(format!("vios-barrier-{}", std::process::id()));
+    /// A socket standing for systemd's notify socket, in a fresh directory
+    /// named after `tag` (removed by the caller): (directory, path, socket).
+    fn fake_systemd(tag: &str) -> (std::path::PathBuf, String, UnixDatagram) {
+        let dir = std::env::temp_dir().join(format!("vios-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("notify.sock");
         let systemd = UnixDatagram::bind(&path).unwrap();
-        let n = Notifier::new(path.to_str(), None, None, 1).unwrap();
+        (dir, path.to_str().unwrap().to_owned(), systemd)
+    }
+
+    #[test]
+    fn notify_and_wait_returns_once_systemd_has_read_the_barrier() {
+        let (dir, path, systemd) = fake_systemd("barrier");
+        let n = Notifier::new(Some(&path), None, None, 1).unwrap();
         // Nobody reads: the barrier times out (the pipe's write end sits in
         // the socket's queue).
         let t = Instant::now();
@@ -253,12 +260,8 @@ mod tests {
 
     #[test]
     fn notifications_arrive_as_one_datagram_each() {
-        let dir = std::env::temp_dir().join(format!("vios-notify-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("notify.sock");
-        let systemd = UnixDatagram::bind(&path).unwrap();
-        let n = Notifier::new(path.to_str(), Some("30000000"), None, 1).unwrap();
+        let (dir, path, systemd) = fake_systemd("notify");
+        let n = Notifier::new(Some(&path), Some("30000000"), None, 1).unwrap();
         assert!(n.enabled());
         assert_eq!(n.watchdog_every(), Some(Duration::from_secs(15)));
         n.notify("READY=1");
@@ -306,13 +309,9 @@ mod tests {
 
     #[test]
     fn the_heartbeat_says_ready_once_then_pets_the_watchdog_while_whole() {
-        let dir = std::env::temp_dir().join(format!("vios-beat-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("notify.sock");
-        let systemd = UnixDatagram::bind(&path).unwrap();
+        let (dir, path, systemd) = fake_systemd("beat");
         let t0 = Instant::now();
-        let n = Notifier::new(path.to_str(), Some("20000000"), None, 1).unwrap();
+        let n = Notifier::new(Some(&path), Some("20000000"), None, 1).unwrap();
         let mut h = Heartbeat::new(n, t0);
         assert!(h.due(t0));
         let got = |h: &mut Heartbeat, at, whole| {

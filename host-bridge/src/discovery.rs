@@ -83,6 +83,11 @@ impl Scan {
             && guest_dir.parent().is_some_and(|p| self.complete.contains(p))
             && !self.failed.iter().any(|(d, _)| d == guest_dir)
     }
+
+    /// Whether the socket at `path` is there but barred to this process.
+    pub fn is_barred(&self, path: &Path) -> bool {
+        self.barred.iter().any(|(p, _)| p == path)
+    }
 }
 
 /// What a directory entry is, as far as discovery cares.

@@ -3,6 +3,7 @@
 //! directory changes into commands for them, turns SIGTERM and SIGINT into an
 //! orderly stop and SIGHUP into a rescan, and watches the loop threads.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
@@ -230,28 +231,33 @@ impl Supervisor {
         }
         for (dir, f) in &scan.found {
             let origin = Origin::Dir(dir.clone());
-            let mut f = f.clone();
-            if let Some(g) = self.guests.get(&origin) {
-                // A channel whose socket is now barred to us (its owner or
-                // mode changed) keeps its connection: the kernel does.
-                for known in &g.sockets {
-                    if scan.barred.iter().any(|(p, _)| *p == known.path) {
-                        f.sockets.push(known.clone());
-                    }
-                }
-                f.sockets.sort();
-            }
+            // A channel whose socket is now barred to us (its owner or mode
+            // changed) keeps its connection, as the kernel does.
+            let kept: Vec<ChannelAt> = self.guests.get(&origin).map_or_else(Vec::new, |g| {
+                g.sockets
+                    .iter()
+                    .filter(|k| scan.is_barred(&k.path))
+                    .cloned()
+                    .collect()
+            });
+            let sockets: Cow<'_, [ChannelAt]> = if kept.is_empty() {
+                Cow::Borrowed(&f.sockets)
+            } else {
+                let mut all = [f.sockets.as_slice(), &kept].concat();
+                all.sort();
+                Cow::Owned(all)
+            };
             match self.guests.get_mut(&origin) {
-                Some(g) if g.sockets != f.sockets => {
-                    let paths: Vec<_> = f.sockets.iter().map(|c| c.path.display().to_string()).collect();
+                Some(g) if *g.sockets != *sockets => {
+                    let paths: Vec<_> = sockets.iter().map(|c| c.path.display().to_string()).collect();
                     info!("guest {}: channels now {paths:?}", f.name);
-                    g.sockets = f.sockets.clone();
+                    g.sockets = sockets.to_vec();
                     let (shard, id) = (g.shard, g.id);
                     self.send(
                         shard,
                         Command::SetChannels {
                             id,
-                            sockets: f.sockets.clone(),
+                            sockets: sockets.to_vec(),
                         },
                     );
                 }
@@ -331,7 +337,7 @@ impl Supervisor {
     /// Reports each channel socket that has stayed closed to this process
     /// for [`BARRED_GRACE`] (once; again if it opens and closes again).
     fn log_barred(&mut self, scan: &discovery::Scan, now: Instant) {
-        self.barred.retain(|p, _| scan.barred.iter().any(|(b, _)| b == p));
+        self.barred.retain(|p, _| scan.is_barred(p));
         for (path, id) in &scan.barred {
             let (since, reported) = self.barred.entry(path.clone()).or_insert((now, false));
             if *reported {

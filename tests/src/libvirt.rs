@@ -102,16 +102,8 @@ impl Libvirt {
                 .arg(&scratch),
             dir.join("namespace.log"),
         );
-        let ready = scratch.join("ready");
-        let end = Instant::now() + Duration::from_secs(10);
-        while !ready.exists() {
-            assert!(
-                Instant::now() < end,
-                "the namespace was not set up; log:\n{}",
-                holder.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // On failure the holder's log is printed as it is dropped.
+        crate::wait_path(&scratch.join("ready"), Duration::from_secs(10));
         let mut lv = Libvirt {
             libvirtd: None,
             virtlogd: None,

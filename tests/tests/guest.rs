@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -113,22 +114,30 @@ struct EchoPair {
     _dir: TempDir,
 }
 
+/// The QEMU stand-in in `dir` and a host bridge serving its host side with
+/// the service `echo` (`server`); returns them and the stand-in's guest-side
+/// socket, for guest bridges to connect to.
+fn host_behind_standin(dir: &TempDir, server: &Server, host_args: &[&str]) -> (Proc, Proc, PathBuf) {
+    let hsock = dir.join("host.sock");
+    let gsock = dir.join("guest.sock");
+    let standin = standin_at(&hsock, &gsock, dir.join("standin.log"));
+    let host = Proc::spawn(
+        "host-bridge",
+        Command::new(bin("vios-host-bridge"))
+            .arg("--guest")
+            .arg(format!("vm={}", hsock.display()))
+            .args(["--service", &format!("echo={}", server.addr)])
+            .args(host_args),
+        dir.join("host.log"),
+    );
+    (standin, host, gsock)
+}
+
 impl EchoPair {
     fn start(name: &str, host_args: &[&str], guest_args: &[&str]) -> EchoPair {
         let dir = TempDir::new(name);
         let server = Server::start(Mode::Echo);
-        let hsock = dir.join("host.sock");
-        let gsock = dir.join("guest.sock");
-        let standin = standin_at(&hsock, &gsock, dir.join("standin.log"));
-        let host = Proc::spawn(
-            "host-bridge",
-            Command::new(bin("vios-host-bridge"))
-                .arg("--guest")
-                .arg(format!("vm={}", hsock.display()))
-                .args(["--service", &format!("echo={}", server.addr)])
-                .args(host_args),
-            dir.join("host.log"),
-        );
+        let (standin, host, gsock) = host_behind_standin(&dir, &server, host_args);
         let port = free_port();
         let guest = Proc::spawn(
             "guest-bridge",
@@ -229,17 +238,7 @@ fn closed_streams_give_their_users_part_back() {
 fn unix_listeners_have_the_configured_mode_and_group() {
     let dir = TempDir::new("unixperm");
     let server = Server::start(Mode::Echo);
-    let hsock = dir.join("host.sock");
-    let gsock = dir.join("guest.sock");
-    let _standin = standin_at(&hsock, &gsock, dir.join("standin.log"));
-    let _host = Proc::spawn(
-        "host-bridge",
-        Command::new(bin("vios-host-bridge"))
-            .arg("--guest")
-            .arg(format!("vm={}", hsock.display()))
-            .args(["--service", &format!("echo={}", server.addr)]),
-        dir.join("host.log"),
-    );
+    let (_standin, _host, gsock) = host_behind_standin(&dir, &server, &[]);
     // The temp dir must be searchable for user nobody.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let open = dir.join("open.sock");

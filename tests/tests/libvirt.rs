@@ -15,6 +15,7 @@
 //! re-created first domain.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vios_common::io::control::{query, StatusQuery};
@@ -29,15 +30,29 @@ const BRIDGE_UID: u32 = 64_970;
 /// The latency target of issue 15.
 const TARGET: Duration = Duration::from_millis(100);
 
-fn gid_of(group: &str) -> u32 {
-    let groups = std::fs::read_to_string("/etc/group").unwrap();
-    groups
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.first() == Some(&group)).then(|| f[2].parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no group {group} (libvirt-daemon-system creates it)"))
+fn libvirt_qemu_gid() -> u32 {
+    vios_common::sys::group_id("libvirt-qemu")
+        .unwrap_or_else(|e| panic!("{e} (libvirt-daemon-system creates it)"))
+}
+
+/// The host bridge as user [`BRIDGE_UID`] with `groups` (`--groups=…` or
+/// `--clear-groups`), no capabilities, in libvirt's mount namespace (to see
+/// its directories); `args` follow the binary.
+fn unprivileged_bridge(lv: &Libvirt, dir: &TempDir, groups: &str, args: &[&str]) -> Command {
+    let mut cmd = lv.enter(false);
+    cmd.arg("setpriv")
+        .arg(format!("--reuid={BRIDGE_UID}"))
+        .arg(format!("--regid={BRIDGE_UID}"))
+        .args([
+            groups,
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+            "--",
+        ])
+        .arg(dir.join("bin/vios-host-bridge"))
+        .args(args);
+    cmd
 }
 
 /// The channels of every guest named `guest` as the host bridge's status
@@ -129,22 +144,23 @@ impl Setup {
             eprintln!("SKIP (AMQP parts): VIOS_TEST_AMQP_PORT is not set: no broker");
         }
         let control = dir.join("run/host.sock");
-        // The bridge: its own uid and group, plus libvirt-qemu's group, no
-        // capabilities; in the mount namespace to see libvirt's directories.
-        let mut cmd = lv.enter(false);
-        cmd.arg("setpriv")
-            .arg(format!("--reuid={BRIDGE_UID}"))
-            .arg(format!("--regid={BRIDGE_UID}"))
-            .arg(format!("--groups={}", gid_of("libvirt-qemu")))
-            .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"])
-            .arg(dir.join("bin/vios-host-bridge"))
-            .args(["--libvirt", "--rescan", "60s", "--idle-timeout", "3s"])
-            .arg("--control")
-            .arg(&control);
-        cmd.args([
-            "--service",
-            &format!("amqp=127.0.0.1:{},loopback=ok", broker_port.unwrap_or(9)),
-        ]);
+        // The bridge: its own uid and group, plus libvirt-qemu's group.
+        let service = format!("amqp=127.0.0.1:{},loopback=ok", broker_port.unwrap_or(9));
+        let mut cmd = unprivileged_bridge(
+            &lv,
+            &dir,
+            &format!("--groups={}", libvirt_qemu_gid()),
+            &[
+                "--libvirt",
+                "--rescan",
+                "60s",
+                "--idle-timeout",
+                "3s",
+                "--service",
+                &service,
+            ],
+        );
+        cmd.arg("--control").arg(&control);
         let bridge = Proc::spawn("host-bridge", &mut cmd, dir.join("host.log"));
         bridge.wait_log("control socket", 1, Duration::from_secs(10));
         Setup {
@@ -174,7 +190,7 @@ impl Setup {
         let uid = BRIDGE_UID.to_string();
         assert_eq!(line("Uid:"), [&*uid; 4].join(" "), "{status}");
         assert_eq!(line("Gid:"), [&*uid; 4].join(" "), "{status}");
-        assert_eq!(line("Groups:"), gid_of("libvirt-qemu").to_string(), "{status}");
+        assert_eq!(line("Groups:"), libvirt_qemu_gid().to_string(), "{status}");
         assert_eq!(line("CapEff:"), "0000000000000000", "{status}");
         assert_eq!(line("CapBnd:"), "0000000000000000", "{status}");
         eprintln!(
@@ -188,15 +204,13 @@ impl Setup {
     /// The premise of the group: the same bridge without libvirt-qemu's
     /// group cannot even read libvirt's channel directory, and says why.
     fn without_the_group_nothing_is_reachable(&self) {
-        let mut cmd = self.lv.enter(false);
-        cmd.arg("setpriv")
-            .arg(format!("--reuid={BRIDGE_UID}"))
-            .arg(format!("--regid={BRIDGE_UID}"))
-            .args(["--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"])
-            .arg(self.dir.join("bin/vios-host-bridge"))
-            .args(["--libvirt", "--service", "amqp=127.0.0.1:9,loopback=ok"])
-            .arg("--control")
-            .arg(self.dir.join("run/nogroup.sock"));
+        let mut cmd = unprivileged_bridge(
+            &self.lv,
+            &self.dir,
+            "--clear-groups",
+            &["--libvirt", "--service", "amqp=127.0.0.1:9,loopback=ok"],
+        );
+        cmd.arg("--control").arg(self.dir.join("run/nogroup.sock"));
         let p = Proc::spawn(
             "host-bridge-without-group",
             &mut cmd,

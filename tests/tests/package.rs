@@ -443,15 +443,20 @@ fn generated_ip_allow_passes_verify(root: &TempDir) {
         shipped,
         "the premise: services changed"
     );
+    // As systemd runs it (normal, early and late directories), on the
+    // root's binary and configuration file.
+    let generate = |out: &Path| {
+        run(
+            Command::new(root.join("lib/systemd/system-generators/vios-host-bridge-generator"))
+                .arg(out)
+                .arg(out.with_extension("early"))
+                .arg(out.with_extension("late"))
+                .env("VIOS_HOST_BRIDGE", root.join("usr/sbin/vios-host-bridge"))
+                .env("VIOS_HOST_DEFAULTS", &conf),
+        )
+    };
     let out = root.join("run/systemd/generator");
-    run(
-        Command::new(root.join("lib/systemd/system-generators/vios-host-bridge-generator"))
-            .arg(&out)
-            .arg(root.join("run/systemd/generator.early"))
-            .arg(root.join("run/systemd/generator.late"))
-            .env("VIOS_HOST_BRIDGE", root.join("usr/sbin/vios-host-bridge"))
-            .env("VIOS_HOST_DEFAULTS", &conf),
-    );
+    generate(&out);
     let dropin = fs::read_to_string(out.join("vios-host-bridge.service.d/50-ip-allow.conf")).unwrap();
     eprintln!("generated drop-in:\n{dropin}");
     assert!(
@@ -474,13 +479,8 @@ fn generated_ip_allow_passes_verify(root: &TempDir) {
     // A configuration error leaves the unit as shipped (systemd empties the
     // generator directory before each run): no drop-in, and no failure.
     fs::write(&conf, "VIOS_SERVICES=\"amqp=no-port-given\"\n").unwrap();
-    let fresh = root.join("run/systemd/generator.2");
-    run(
-        Command::new(root.join("lib/systemd/system-generators/vios-host-bridge-generator"))
-            .arg(&fresh)
-            .env("VIOS_HOST_BRIDGE", root.join("usr/sbin/vios-host-bridge"))
-            .env("VIOS_HOST_DEFAULTS", &conf),
-    );
+    let fresh = root.join("run/systemd/generator-2");
+    generate(&fresh);
     let left: Vec<_> = fs::read_dir(fresh.join("vios-host-bridge.service.d"))
         .unwrap()
         .flatten()

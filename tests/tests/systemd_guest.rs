@@ -218,16 +218,7 @@ fn packaged_guest_bridge_under_systemd_and_udev() {
     // test's watchdog drop-in are there first (the package starts the unit
     // for ports already present).
     vm.ok(CONFIG, Duration::from_secs(10));
-    let t = Instant::now();
-    let install = vm.ok(
-        &format!(
-            "(DEBIAN_FRONTEND=noninteractive dpkg -i /root/vios/{} </dev/null >/tmp/dpkg.log 2>&1; rc=$?; \
-             tr '\\r' '\\n' </tmp/dpkg.log | grep -v '^(Reading database'; exit $rc)",
-            image.deb
-        ),
-        Duration::from_secs(180),
-    );
-    show(&format!("dpkg -i ({:.1} s)", t.elapsed().as_secs_f64()), &install);
+    dpkg_install(&mut vm, &image.deb);
     let id = vm.ok("id vios-bridge", Duration::from_secs(10));
     show("id vios-bridge", &id);
     wait_active(&mut vm, UNIT0, 0, Duration::from_secs(60));
@@ -488,6 +479,23 @@ fn packaged_guest_bridge_under_systemd_and_udev() {
     );
 }
 
+/// `dpkg -i` of a package the image holds in /root/vios, as an operator
+/// would; shows what dpkg said and how long it took.
+fn dpkg_install(vm: &mut SystemdVm, deb: &str) {
+    let t = Instant::now();
+    let said = vm.ok(
+        &format!(
+            "(DEBIAN_FRONTEND=noninteractive dpkg -i /root/vios/{deb} </dev/null >/tmp/dpkg.log 2>&1; rc=$?; \
+             tr '\\r' '\\n' </tmp/dpkg.log | grep -v '^(Reading database'; exit $rc)"
+        ),
+        Duration::from_secs(180),
+    );
+    show(
+        &format!("dpkg -i {deb} ({:.1} s)", t.elapsed().as_secs_f64()),
+        &said,
+    );
+}
+
 const HOST_UNIT: &str = "vios-host-bridge.service";
 
 /// The host package under the same booted systemd (this machine cannot boot
@@ -506,14 +514,7 @@ fn host_unit_under_systemd(vm: &mut SystemdVm, image: &Image) {
         eprintln!("SKIP (host unit): the systemd image has no host package");
         return;
     };
-    let install = vm.ok(
-        &format!(
-            "(DEBIAN_FRONTEND=noninteractive dpkg -i /root/vios/{deb} </dev/null >/tmp/dpkg-host.log 2>&1; rc=$?; \
-             tr '\\r' '\\n' </tmp/dpkg-host.log | grep -v '^(Reading database'; exit $rc)"
-        ),
-        Duration::from_secs(180),
-    );
-    show("dpkg -i (host package)", &install);
+    dpkg_install(vm, deb);
     let pid = wait_active(vm, HOST_UNIT, 0, Duration::from_secs(60));
     let how = vm.ok(
         &format!(
