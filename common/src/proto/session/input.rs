@@ -42,7 +42,7 @@ impl Session {
         if self.limits.scan.overdrawn(now) {
             // Scanning costs at most the scan rate: wait until the work done
             // is paid back, with the channel unread meanwhile.
-            let batch = self.limits.scan.per(super::THROTTLE_BATCH);
+            let batch = self.limits.scan.per(super::SCAN_BATCH);
             self.throttled_until = Some(self.limits.scan.ready_at(now, batch));
             self.stats.throttled += 1;
             return Step::Need;
