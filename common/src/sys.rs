@@ -225,6 +225,27 @@ pub fn release_free_memory() {
     }
 }
 
+/// Takes over descriptor `fd`, inherited from the parent (socket
+/// activation): it must be open, and is made close-on-exec.
+pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD/F_SETFD on an integer; an fd that is not open fails
+    // with EBADF and is never wrapped.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("inherited descriptor {fd}: {e}"),
+        ));
+    }
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (checked above) and nothing else in
+    // this process owns it: the caller takes each inherited one once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// A new inotify instance, non-blocking and close-on-exec; read it as a
 /// file (each event is an `inotify_event` and its name).
 pub fn inotify_init() -> io::Result<std::fs::File> {

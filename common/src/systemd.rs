@@ -201,6 +201,53 @@ fn parse_journal_stream(v: &str) -> Option<(u64, u64)> {
     Some((dev.parse().ok()?, ino.parse().ok()?))
 }
 
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: i32 = 3;
+
+/// The listening sockets a `.socket` unit passed (socket activation,
+/// `sd_listen_fds(3)`): `$LISTEN_PID` names this process and `$LISTEN_FDS`
+/// counts descriptors from 3. Each is taken over (close-on-exec from now on)
+/// and checked to be a listening stream socket. Empty without activation,
+/// or when the variables were meant for another process (a parent's). Call
+/// once: the descriptors become the caller's.
+pub fn listen_fds() -> io::Result<Vec<socket2::Socket>> {
+    let n = match listen_fd_count(
+        std::env::var("LISTEN_PID").ok().as_deref(),
+        std::env::var("LISTEN_FDS").ok().as_deref(),
+        std::process::id(),
+    ) {
+        Ok(n) => n,
+        Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidInput, e)),
+    };
+    (0..n)
+        .map(|i| {
+            let fd = LISTEN_FDS_START + i as i32;
+            let s = socket2::Socket::from(crate::sys::take_inherited_fd(fd)?);
+            if s.r#type()? != socket2::Type::STREAM || !s.is_listener()? {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("systemd passed descriptor {fd}, which is not a listening stream socket"),
+                ));
+            }
+            Ok(s)
+        })
+        .collect()
+}
+
+/// How many descriptors `$LISTEN_PID`/`$LISTEN_FDS` pass to process `me`.
+fn listen_fd_count(pid: Option<&str>, fds: Option<&str>, me: u32) -> Result<usize, String> {
+    let (Some(pid), Some(fds)) = (pid, fds) else {
+        return Ok(0);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(me) {
+        return Ok(0);
+    }
+    match fds.trim().parse::<u16>() {
+        Ok(n) => Ok(usize::from(n)),
+        Err(_) => Err(format!("LISTEN_FDS={fds:?} is not a count of descriptors")),
+    }
+}
+
 /// The syslog priority prefix journald reads from the start of a line
 /// (`sd-daemon(3)`): `<3>` error, `<4>` warning, `<6>` info, `<7>` debug.
 pub fn priority_prefix(level: log::Level) -> &'static str {
@@ -348,5 +395,21 @@ mod tests {
         assert_eq!(priority_prefix(log::Level::Warn), "<4>");
         assert_eq!(priority_prefix(log::Level::Info), "<6>");
         assert_eq!(priority_prefix(log::Level::Trace), "<7>");
+    }
+
+    #[test]
+    fn listen_fds_are_ours_only_when_listen_pid_is() {
+        let count = listen_fd_count;
+        assert_eq!(count(None, None, 7), Ok(0));
+        assert_eq!(count(Some("7"), None, 7), Ok(0));
+        assert_eq!(count(None, Some("2"), 7), Ok(0));
+        assert_eq!(count(Some("7"), Some("2"), 7), Ok(2));
+        assert_eq!(count(Some("8"), Some("2"), 7), Ok(0), "a parent's descriptors");
+        assert_eq!(count(Some("x"), Some("2"), 7), Ok(0));
+        assert_eq!(count(Some("7"), Some("0"), 7), Ok(0));
+        assert!(count(Some("7"), Some("-1"), 7)
+            .unwrap_err()
+            .contains("LISTEN_FDS"));
+        assert!(count(Some("7"), Some("lots"), 7).is_err());
     }
 }

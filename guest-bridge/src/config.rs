@@ -34,6 +34,10 @@ Examples:
   vios-guest-bridge --channel org.qpid.vios.0 --listen 127.0.0.1:5672=amqp \\
       --listen unix:/run/vios/amqp.sock=amqp
 
+Socket activation: listening sockets passed by systemd (LISTEN_FDS, e.g. from
+vios-guest-bridge@PORT.socket) are taken for the --listen addresses they are bound to;
+a passed socket that no --listen names is a configuration error (exit 2).
+
 Status: `vios-guest-bridge status [--json] [--streams] [--channel NAME]` asks the
 running bridge through its control socket.
 

@@ -26,6 +26,7 @@ use std::time::Instant;
 use log::{info, warn};
 use mio::Token;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use vios_common::daemon::config_error;
 use vios_common::io::channel::{Channel, ChannelConfig};
 use vios_common::io::control::ControlServer;
 use vios_common::io::event_loop::EventLoop;
@@ -33,7 +34,7 @@ use vios_common::io::link::Link;
 use vios_common::io::random_seed;
 use vios_common::proto::session::Policy;
 use vios_common::proto::{Config as SessionConfig, Limits, Role, Session};
-use vios_common::sys;
+use vios_common::{sys, systemd};
 
 use bridge::{Bridge, CONTROL, LISTENERS};
 use config::Cli;
@@ -70,12 +71,33 @@ pub fn run(cli: Cli) -> io::Result<()> {
         return Ok(());
     };
     let mut listeners = Vec::new();
+    let mut passed = systemd::listen_fds().map_err(|e| config_error(format!("socket activation: {e}")))?;
     for (i, spec) in specs.iter().enumerate() {
-        let mut l = Listener::bind(spec, &access)
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", spec.addr)))?;
+        let mut l = match Listener::adopt(spec, &mut passed)? {
+            Some(l) => l,
+            None => Listener::bind(spec, &access)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {}: {e}", spec.addr)))?,
+        };
         l.register(el.registry(), Token(LISTENERS + i))?;
-        info!("listening on {} for service {}", spec.addr, spec.service);
+        let how = if l.is_passed() {
+            " (socket passed by systemd)"
+        } else {
+            ""
+        };
+        info!("listening on {} for service {}{how}", spec.addr, spec.service);
         listeners.push(l);
+    }
+    if let Some(s) = passed.first() {
+        // Its clients would wait in a backlog nobody accepts from.
+        return Err(config_error(format!(
+            "systemd passed a socket on {} that no --listen names; listeners: {}",
+            listener::passed_addr(s),
+            specs
+                .iter()
+                .map(|l| l.addr.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
     }
     let mut cfg = SessionConfig::new(
         Role::Guest,

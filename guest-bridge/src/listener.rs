@@ -54,6 +54,9 @@ pub struct Accepted {
 pub struct Listener {
     pub spec: ListenSpec,
     sock: Sock0,
+    /// Passed by systemd (socket activation): its unit owns the socket's
+    /// path, mode and owner, and the socket outlives this process.
+    passed: bool,
 }
 
 #[derive(Debug)]
@@ -93,7 +96,39 @@ impl Listener {
         Ok(Listener {
             spec: spec.clone(),
             sock,
+            passed: false,
         })
+    }
+
+    /// Takes from `passed` (the sockets systemd passed, see
+    /// [`vios_common::systemd::listen_fds`]) the one bound to `spec`'s
+    /// address, if there is one: clients that connected while no bridge ran
+    /// wait in its backlog and are served now.
+    pub fn adopt(spec: &ListenSpec, passed: &mut Vec<Socket>) -> io::Result<Option<Listener>> {
+        let mut found = None;
+        for (i, s) in passed.iter().enumerate() {
+            if bound_to(s, &spec.addr)? {
+                found = Some(i);
+                break;
+            }
+        }
+        let Some(i) = found else { return Ok(None) };
+        let s = passed.swap_remove(i);
+        s.set_nonblocking(true)?;
+        let sock = match spec.addr {
+            ListenAddr::Tcp(_) => Sock0::Tcp(TcpListener::from_std(s.into())),
+            ListenAddr::Unix(_) => Sock0::Unix(UnixListener::from_std(s.into())),
+        };
+        Ok(Some(Listener {
+            spec: spec.clone(),
+            sock,
+            passed: true,
+        }))
+    }
+
+    /// Whether systemd passed this listener.
+    pub fn is_passed(&self) -> bool {
+        self.passed
     }
 
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
@@ -151,12 +186,35 @@ impl Listener {
         }
     }
 
-    /// Removes a unix socket's path on shutdown.
+    /// Removes a unix socket's path on shutdown (not a passed one's: it
+    /// stays systemd's, still listening).
     pub fn cleanup(&self) {
-        if let ListenAddr::Unix(path) = &self.spec.addr {
+        if let (ListenAddr::Unix(path), false) = (&self.spec.addr, self.passed) {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Where a passed socket listens, as a `--listen` address would say it.
+pub fn passed_addr(s: &Socket) -> String {
+    match s.local_addr() {
+        Ok(a) => match (a.as_socket(), a.as_pathname()) {
+            (Some(ip), _) => ip.to_string(),
+            (None, Some(path)) => format!("unix:{}", path.display()),
+            (None, None) => "an unnamed or abstract socket".to_string(),
+        },
+        Err(e) => format!("an unknown address ({e})"),
+    }
+}
+
+/// Whether `s` listens on `addr`: the same IP address and port, or the same
+/// unix socket path.
+fn bound_to(s: &Socket, addr: &ListenAddr) -> io::Result<bool> {
+    let local = s.local_addr()?;
+    Ok(match addr {
+        ListenAddr::Tcp(a) => local.as_socket() == Some(*a),
+        ListenAddr::Unix(path) => local.as_pathname() == Some(path.as_path()),
+    })
 }
 
 /// Pending connections the kernel queues before accept: mio's 128 drops SYNs
@@ -183,4 +241,69 @@ fn listen_on(domain: Domain, addr: &SockAddr, reuse_address: bool) -> io::Result
     s.listen(BACKLOG)?;
     s.set_nonblocking(true)?;
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(addr: ListenAddr) -> ListenSpec {
+        ListenSpec {
+            addr,
+            service: "amqp".into(),
+        }
+    }
+
+    #[test]
+    fn a_passed_socket_is_taken_by_the_listener_at_its_address_only() {
+        let tcp = listen_on(
+            Domain::IPV4,
+            &"127.0.0.1:0".parse::<SocketAddr>().unwrap().into(),
+            true,
+        )
+        .unwrap();
+        let at = tcp.local_addr().unwrap().as_socket().unwrap();
+        let dir = std::env::temp_dir().join(format!("vios-adopt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("amqp.sock");
+        let _ = std::fs::remove_file(&path);
+        let unix = listen_on(Domain::UNIX, &SockAddr::unix(&path).unwrap(), false).unwrap();
+        let mut passed = vec![tcp, unix];
+
+        let mut other = at;
+        other.set_port(at.port().wrapping_add(1).max(1));
+        let none = [
+            ListenAddr::Tcp(other),
+            ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 2], at.port()))),
+            ListenAddr::Unix(dir.join("other.sock")),
+        ];
+        for addr in none {
+            assert!(Listener::adopt(&spec(addr), &mut passed).unwrap().is_none());
+        }
+        assert_eq!(passed.len(), 2);
+
+        let l = Listener::adopt(&spec(ListenAddr::Unix(path.clone())), &mut passed)
+            .unwrap()
+            .expect("the unix socket");
+        assert!(l.is_passed());
+        l.cleanup();
+        assert!(path.exists(), "a passed socket's path is systemd's to remove");
+        let l = Listener::adopt(&spec(ListenAddr::Tcp(at)), &mut passed)
+            .unwrap()
+            .expect("the TCP socket");
+        assert!(l.is_passed() && passed.is_empty());
+        // It listens: a client connects and is accepted.
+        let _c = std::net::TcpStream::connect(at).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match l.accept() {
+                Ok(a) => break assert!(a.peer.starts_with("127.0.0.1:")),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -397,6 +397,29 @@ pub fn standin_at(host: &Path, guest: &Path, log: PathBuf) -> Proc {
     p
 }
 
+/// The QEMU stand-in in `dir` and a host bridge serving its host side with
+/// the service `echo` (`server`); returns them and the stand-in's guest-side
+/// socket, for guest bridges to connect to.
+pub fn host_behind_standin(
+    dir: &TempDir,
+    server: &servers::Server,
+    host_args: &[&str],
+) -> (Proc, Proc, PathBuf) {
+    let hsock = dir.join("host.sock");
+    let gsock = dir.join("guest.sock");
+    let standin = standin_at(&hsock, &gsock, dir.join("standin.log"));
+    let host = Proc::spawn(
+        "host-bridge",
+        Command::new(bin("vios-host-bridge"))
+            .arg("--guest")
+            .arg(format!("vm={}", hsock.display()))
+            .args(["--service", &format!("echo={}", server.addr)])
+            .args(host_args),
+        dir.join("host.log"),
+    );
+    (standin, host, gsock)
+}
+
 /// Starts a guest bridge on the channel socket `channel` (a stand-in's guest
 /// side) serving `service` on `127.0.0.1:port`.
 pub fn guest_bridge_at(name: &str, channel: &Path, port: u16, service: &str, log: PathBuf) -> Proc {

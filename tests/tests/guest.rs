@@ -5,14 +5,13 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vios_common::proto::hello::{Hello, Limits, Role};
 use vios_common::proto::Code;
 use vios_tests::servers::{Mode, Server};
-use vios_tests::{bin, free_port, standin_at, Proc, TempDir};
+use vios_tests::{bin, free_port, host_behind_standin, standin_at, Proc, TempDir};
 
 fn refusing_hello(nonce: u8) -> Vec<u8> {
     let h = Hello {
@@ -112,25 +111,6 @@ struct EchoPair {
     _standin: Proc,
     _server: Server,
     _dir: TempDir,
-}
-
-/// The QEMU stand-in in `dir` and a host bridge serving its host side with
-/// the service `echo` (`server`); returns them and the stand-in's guest-side
-/// socket, for guest bridges to connect to.
-fn host_behind_standin(dir: &TempDir, server: &Server, host_args: &[&str]) -> (Proc, Proc, PathBuf) {
-    let hsock = dir.join("host.sock");
-    let gsock = dir.join("guest.sock");
-    let standin = standin_at(&hsock, &gsock, dir.join("standin.log"));
-    let host = Proc::spawn(
-        "host-bridge",
-        Command::new(bin("vios-host-bridge"))
-            .arg("--guest")
-            .arg(format!("vm={}", hsock.display()))
-            .args(["--service", &format!("echo={}", server.addr)])
-            .args(host_args),
-        dir.join("host.log"),
-    );
-    (standin, host, gsock)
 }
 
 impl EchoPair {

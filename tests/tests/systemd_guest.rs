@@ -6,8 +6,8 @@
 //! One guest, one test, in steps (a boot costs ~20 s under TCG): install,
 //! reboot, the unit at boot as its unprivileged user, clients of an
 //! unprivileged guest user over TCP and unix listeners, the journal's
-//! priorities, hot-plug and unplug of a second port, `kill -9` and a
-//! SIGSTOPped bridge caught by the watchdog.
+//! priorities, hot-plug and unplug of a second port, `kill -9`, a
+//! SIGSTOPped bridge caught by the watchdog, and the optional socket unit.
 //!
 //! The image comes from `scripts/vm/build-systemd-image` (the test command
 //! builds it); without it this test prints why and passes, unless
@@ -23,6 +23,8 @@ use vios_tests::{bin, Proc, TempDir};
 
 const UNIT0: &str = "vios-guest-bridge@org.qpid.vios.0.service";
 const UNIT1: &str = "vios-guest-bridge@org.qpid.vios.1.service";
+/// Port 0's optional socket unit.
+const SOCKET0: &str = "vios-guest-bridge@org.qpid.vios.0.socket";
 /// A port with no configuration of its own.
 const UNIT2: &str = "vios-guest-bridge@org.qpid.vios.2.service";
 /// The watchdog of the test's drop-in (the package ships 30 s).
@@ -471,12 +473,91 @@ fn packaged_guest_bridge_under_systemd_and_udev() {
     assert!(evidence.contains("Watchdog timeout"), "{evidence}");
     traffic(&mut vm, "after the watchdog");
 
+    socket_unit_holds_the_listeners(&mut vm, &host);
     host_unit_under_systemd(&mut vm, &image);
 
     eprintln!(
         "systemd guest: the whole test took {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The optional socket unit, as OPERATIONS.md tells an operator to use it:
+/// a drop-in names port 0's echo listeners (its AMQP listener stays the
+/// bridge's own). With the bridge stopped, a client's connection starts it
+/// and is served; a client that connects while it restarts waits in the
+/// backlog and is served by the new bridge.
+fn socket_unit_holds_the_listeners(vm: &mut SystemdVm, host: &Host) {
+    let how = vm.ok(
+        &format!(
+            "mkdir -p /etc/systemd/system/{SOCKET0}.d && \
+             printf '[Socket]\\nListenStream=\\nListenStream=127.0.0.1:7000\\nListenStream=/run/vios/echo.sock\\nSocketMode=0666\\n' \
+               >/etc/systemd/system/{SOCKET0}.d/listeners.conf && \
+             systemctl daemon-reload && systemctl stop {UNIT0} && systemctl start {SOCKET0} && \
+             systemctl is-active {SOCKET0}; systemctl is-active {UNIT0} || true"
+        ),
+        Duration::from_secs(30),
+    );
+    show("socket unit started, bridge stopped", &how);
+    assert_eq!(how.lines().collect::<Vec<_>>(), ["active", "inactive"], "{how}");
+    let sessions = host.sessions();
+    let json = echo_as_client(vm, "127.0.0.1:7000");
+    eprintln!("systemd guest: the first client, through the socket unit: {json}");
+    host.bridge()
+        .wait_log("session established", sessions + 1, Duration::from_secs(30));
+    let pid = main_pid(vm, UNIT0);
+    let said = vm.ok(
+        &format!(
+            "systemctl show -p TriggeredBy {UNIT0}; \
+             journalctl -b -q -o cat _PID={pid} | grep 'listening on'"
+        ),
+        Duration::from_secs(20),
+    );
+    show("the bridge the socket unit started", &said);
+    for want in [
+        format!("TriggeredBy={SOCKET0}"),
+        "listening on 127.0.0.1:7000 for service echo (socket passed by systemd)".into(),
+        "listening on unix:/run/vios/echo.sock for service echo (socket passed by systemd)".into(),
+        "listening on 127.0.0.1:5672 for service amqp\n".into(),
+    ] {
+        assert!(said.contains(&want), "{want:?}: {said}");
+    }
+    // A restart: the client connects while the old bridge stops (it no
+    // longer accepts) or before the new one runs; it is served all the same.
+    let sessions = host.sessions();
+    let out = vm.ok(
+        &format!(
+            "systemctl restart --no-block {UNIT0}; sleep 0.2; \
+             runuser -u vios-client -- vios-load bulk --connect unix:/run/vios/echo.sock --streams 1 \
+               --bytes 64K --direction both --timeout 60s </dev/null"
+        ),
+        Duration::from_secs(90),
+    );
+    let json = json_line(&out, "mb_per_s");
+    assert_eq!(json_num(&json, "errors_total"), 0.0, "{json}");
+    let new = wait_active(vm, UNIT0, pid, Duration::from_secs(60));
+    eprintln!("systemd guest: a client during a restart (pid {pid} -> {new}): {json}");
+    // The premise: the old bridge was stopping, and the new one served it.
+    let said = vm.ok(
+        &format!(
+            "journalctl -b -q -o cat _PID={pid} | grep -E 'stopping|opened for client unix'; \
+             echo --; journalctl -b -q -o cat _PID={new} | grep 'opened for client unix'"
+        ),
+        Duration::from_secs(20),
+    );
+    show("the stopping bridge, then the new one", &said);
+    let (old_said, new_said) = said.split_once("--").unwrap();
+    assert!(
+        old_said.contains("stopping") && !old_said.contains("opened for client unix"),
+        "{said}"
+    );
+    assert!(
+        new_said.contains("opened for client unix:/run/vios/echo.sock"),
+        "{said}"
+    );
+    host.bridge()
+        .wait_log("session established", sessions + 1, Duration::from_secs(30));
+    traffic(vm, "under the socket unit");
 }
 
 /// `dpkg -i` of a package the image holds in /root/vios, as an operator
